@@ -1,0 +1,1 @@
+"""graphprune: verified structural pruning and sparsity for PyTorch models."""

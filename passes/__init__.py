@@ -1,0 +1,1 @@
+"""graphprune.passes: rewrite passes over torch.fx GraphModules (each in its own module)."""
