@@ -1,1 +1,21 @@
-"""graphprune: verified structural pruning and sparsity for PyTorch models."""
+"""graphprune: verified structural pruning and sparsity for PyTorch models.
+
+    import graphprune as gp
+    a = gp.analyze(model, example_inputs)
+    plan = gp.plan(a, target=gp.Uniform(0.3), importance="l1")
+    slim = gp.apply(a, plan)          # verified against gp.mask(a, plan)
+"""
+
+from .analysis import Analysis, ChannelGroup
+from .api import analyze, apply, mask, plan, prune, stats
+from .config import PruneConfig
+from .errors import GraphpruneError, PlanError, TraceError, VerificationError
+from .plan import Plan, Uniform
+from .trace import Traced, trace
+
+__all__ = [
+    "analyze", "plan", "mask", "apply", "prune", "stats", "trace",
+    "Analysis", "ChannelGroup", "Plan", "Uniform", "PruneConfig", "Traced",
+    "GraphpruneError", "PlanError", "TraceError", "VerificationError",
+]
+__version__ = "0.1.0"

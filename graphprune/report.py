@@ -1,0 +1,66 @@
+"""Human-readable tables (rich) for analyses and plans, and model statistics (params, MACs)."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["analysis_table", "plan_table", "count_params", "count_macs", "render"]
+
+
+def render(table) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=140, force_terminal=False, color_system=None).print(table)
+    return buf.getvalue()
+
+
+def _short(members, n):
+    s = ", ".join(members[:n])
+    return s + (f" (+{len(members) - n})" if len(members) > n else "")
+
+
+def analysis_table(a, max_members: int = 3) -> str:
+    t = Table(title=f"channel groups of {a.traced.model_name} (traced with {a.traced.kind})")
+    for c in ("id", "size", "members", "prunable / reason"):
+        t.add_column(c, overflow="fold")
+    for g in a.groups:
+        state = "yes" + (f" (rows {g.rows.shape[0]}x{g.rows.shape[1]})" if g.rows is not None else "")
+        t.add_row(str(g.id), str(g.size), _short(list(g.members), max_members),
+                  state if g.prunable else f"no: {g.reason}")
+    p = sum(g.prunable for g in a.groups)
+    return render(t) + f"{len(a.groups)} groups, {p} prunable\n"
+
+
+def plan_table(plan, a=None) -> str:
+    t = Table(title="plan")
+    for c in ("group", "kept", "total", "removed %"):
+        t.add_column(c)
+    for gid in sorted(plan.keep):
+        n = plan.sizes[gid]
+        k = len(plan.keep[gid])
+        if k == n:
+            continue
+        t.add_row(str(gid), str(k), str(n), f"{100 * (n - k) / n:.0f}")
+    meta = ", ".join(f"{k}={v}" for k, v in plan.meta.items() if not isinstance(v, (dict, list)))
+    return render(t) + (meta + "\n" if meta else "")
+
+
+def count_params(m: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in m.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def count_macs(m: nn.Module, args, kwargs=None) -> int:
+    """Multiply-accumulates of one forward (conv, matmul, attention), via FlopCounterMode."""
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(*args, **(kwargs or {}))
+    return int(fc.get_total_flops() // 2)

@@ -1,0 +1,139 @@
+"""Verification: a rewritten model must equal its oracle on fresh random inputs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .errors import VerificationError
+
+__all__ = ["VerifyReport", "verify_against", "random_like_inputs", "max_rel_error"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What was checked and the worst relative error seen per precision."""
+
+    trials: int
+    err32: float
+    err64: float | None
+    note: str = ""
+
+    def __str__(self) -> str:
+        e64 = "n/a" if self.err64 is None else f"{self.err64:.1e}"
+        return f"verified on {self.trials} random inputs: max rel err fp32 {self.err32:.1e}, fp64 {e64}" + (
+            f" ({self.note})" if self.note else ""
+        )
+
+
+def random_like_inputs(args, kwargs, seed: int):
+    """Fresh inputs with the example's shapes: normal floats, ints within the example's range."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if torch.is_floating_point(x):
+            return torch.randn(x.shape, generator=g, dtype=x.dtype)
+        if x.dtype == torch.bool:
+            return x.clone()
+        lo, hi = int(x.min()), int(x.max())
+        return torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype)
+
+    return tree_map(one, args), tree_map(one, kwargs)
+
+
+def max_rel_error(out, ref) -> float:
+    a, _ = tree_flatten(out)
+    b, _ = tree_flatten(ref)
+    if len(a) != len(b):
+        raise VerificationError(f"output structure differs: {len(a)} vs {len(b)} leaves")
+    worst = 0.0
+    for x, y in zip(a, b):
+        if not isinstance(y, torch.Tensor):
+            continue
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            raise VerificationError(
+                f"output shape differs: {getattr(x, 'shape', type(x))} vs {tuple(y.shape)}"
+            )
+        if not torch.is_floating_point(y):
+            if not torch.equal(x, y):
+                return float("inf")
+            continue
+        x, y = x.double(), y.double()
+        if not torch.isfinite(y).all():
+            same = torch.equal(torch.isfinite(x), torch.isfinite(y))
+            fin = torch.isfinite(y)
+            x, y = x[fin], y[fin]
+            if not same:
+                return float("inf")
+        if y.numel() == 0:
+            continue
+        scale = max(float(y.abs().max()), 1e-12)
+        worst = max(worst, float((x - y).abs().max()) / scale)
+    return worst
+
+
+def _run(m: nn.Module, args, kwargs):
+    with torch.no_grad():
+        return m(*args, **kwargs)
+
+
+def _to64(x):
+    return x.double() if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
+
+
+def verify_against(
+    model: fx.GraphModule,
+    oracle: nn.Module,
+    args,
+    kwargs,
+    *,
+    trials: int = 2,
+    seed: int = 0,
+    rtol32: float = 1e-4,
+    rtol64: float = 1e-9,
+    what: str = "slimmed model",
+) -> VerifyReport:
+    """Run model and oracle on `trials` random inputs in fp32 and fp64; raise on mismatch."""
+    model.graph.lint()
+    was = model.training, oracle.training
+    model.eval()
+    oracle.eval()
+    err32, err64, note = 0.0, None, ""
+    try:
+        for t in range(trials):
+            a, k = random_like_inputs(args, kwargs, seed + t)
+            try:
+                out = _run(model, a, k)
+            except Exception as e:  # noqa: BLE001
+                raise VerificationError(f"{what} fails to run: {type(e).__name__}: {e}") from e
+            err32 = max(err32, max_rel_error(out, _run(oracle, a, k)))
+        if err32 > rtol32:
+            raise VerificationError(
+                f"{what} differs from its oracle: max relative error {err32:.3e} > {rtol32:g} (fp32)"
+            )
+        try:
+            m64, o64 = copy.deepcopy(model).double(), copy.deepcopy(oracle).double()
+            err64 = 0.0
+            for t in range(trials):
+                a, k = random_like_inputs(args, kwargs, seed + 100 + t)
+                a, k = tree_map(_to64, a), tree_map(_to64, k)
+                err64 = max(err64, max_rel_error(_run(m64, a, k), _run(o64, a, k)))
+        except VerificationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - graphs with baked dtypes cannot run in fp64
+            err64, note = None, f"fp64 check skipped: {type(e).__name__}"
+        if err64 is not None and err64 > rtol64:
+            raise VerificationError(
+                f"{what} differs from its oracle: max relative error {err64:.3e} > {rtol64:g} (fp64)"
+            )
+    finally:
+        model.train(was[0])
+        oracle.train(was[1])
+    return VerifyReport(trials, err32, err64, note)
