@@ -392,8 +392,16 @@ def _finish(b: Builder) -> Analysis:
     relabel[order] = np.arange(len(order))
     labels = relabel[raw]
     n_cls = len(order)
-    # groups: classes joined through shared spaces
-    sa = [np.arange(s, s + k - 1) for s, k in b.spaces if k > 1]
+    # groups: classes joined through shared producer spaces (spaces whose own ids sit on an
+    # activation; a consumer's weight axis only mirrors what it reads and links nothing)
+    activations = {nd.name for nd in b.gm.graph.nodes if nd.op != "get_attr"}
+    on_act = np.zeros(n, bool)
+    for name, v in b.tmaps.items():
+        if name in activations:
+            for tm in iter_maps(v):
+                for f in tm.factors:
+                    on_act[f.ids.reshape(-1)] = True
+    sa = [np.arange(s, s + k - 1) for s, k in b.spaces if k > 1 and on_act[s : s + k].any()]
     sa = np.concatenate(sa) if sa else np.zeros(0, np.int64)
     ga = np.concatenate([labels[sa], labels[ea]]) if len(sa) or len(ea) else np.zeros(0, np.int64)
     gb = np.concatenate([labels[sa + 1], labels[eb]]) if len(sa) or len(eb) else ga
@@ -409,13 +417,7 @@ def _finish(b: Builder) -> Analysis:
             fixed_reason.setdefault(int(graw[lab]), why)
     # visible groups: those that appear on some activation tensor
     seen = np.zeros(n_cls, bool)
-    activations = {n.name for n in b.gm.graph.nodes if n.op != "get_attr"}
-    for name, v in b.tmaps.items():
-        if name not in activations:
-            continue
-        for tm in iter_maps(v):
-            for f in tm.factors:
-                seen[labels[f.ids.reshape(-1)]] = True
+    seen[labels[on_act]] = True
     fixed_grp = np.zeros(graw.max() + 1 if n_cls else 0, bool)
     np.logical_or.at(fixed_grp, graw, fixed)
     vis_grp = np.zeros_like(fixed_grp)
@@ -441,7 +443,7 @@ def _finish(b: Builder) -> Analysis:
         rows = None
         if g in arr_by_grp:
             rows, why = _rows(classes, arr_by_grp[int(g)])
-            if rows is None and prunable:
+            if rows is None and why and prunable:
                 prunable, reason = False, why
         if len(classes) < 2 and prunable:
             prunable, reason = False, "a single channel"
@@ -488,16 +490,24 @@ def _rows(classes: np.ndarray, arrs) -> tuple[np.ndarray | None, str]:
     local = {int(c): i for i, c in enumerate(classes)}
     layouts = []
     for lab, where in arrs:
-        rows = []
+        rows, seen_rows = [], set()
         for r in lab:
             u = list(dict.fromkeys(int(x) for x in r))
+            key = frozenset(u)
+            if key in seen_rows:  # identical rows (columns were coupled): one constraint
+                continue
+            seen_rows.add(key)
             rows.append(u)
+        if len(rows) == 1:
+            continue
         if len({len(r) for r in rows}) != 1:
             return None, f"uneven head/group layout at {where}"
         key = frozenset(frozenset(r) for r in rows)
         if sum(len(r) for r in rows) != len({x for r in rows for x in r}):
             return None, f"overlapping head/group layout at {where}"
         layouts.append((key, rows, where))
+    if not layouts:
+        return None, ""
     keys = {k for k, _, _ in layouts}
     if len(keys) > 1:
         # accept if one layout refines all others (its rows nest inside theirs)

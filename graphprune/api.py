@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 
 import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.cleanup import cleanup
-from passes.mask import mask as _mask_pass
-from passes.slim import slim as _slim_pass
+from graphprune.passes.cleanup import cleanup
+from graphprune.passes.mask import mask as _mask_pass
+from graphprune.passes.slim import slim as _slim_pass
 
 from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
@@ -86,7 +88,13 @@ def apply(a: Analysis, p: Plan, *, verify: bool = True, trials: int = 2, seed: i
     report = {"slim_seconds": round(t_slim, 4)}
     if verify:
         ref = mask(a, p)
-        rep = verify_against(slim, ref, a.traced.args, a.traced.kwargs, trials=trials, seed=seed)
+
+        def build64():
+            src64 = copy.deepcopy(a.graph).double()
+            return cleanup(_slim_pass(a, p, src64)), _mask_pass(a, p, src64)
+
+        rep = verify_against(slim, ref, a.traced.args, a.traced.kwargs, trials=trials, seed=seed,
+                             build64=build64)
         report["verify"] = str(rep)
         report["max_rel_err_fp32"] = rep.err32
         report["max_rel_err_fp64"] = rep.err64

@@ -92,4 +92,5 @@ def masked_group_norm(x, mask, num_groups, weight=None, bias=None, eps=1e-5):
 
 def keep(x, mask):
     """x with removed positions zeroed (NaN/inf there are cleared too)."""
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    out = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return out.contiguous() if x.is_contiguous() else out

@@ -76,6 +76,8 @@ def dispatch(b: Builder, node: fx.Node):
     rule = lookup(node, module)
     vals = _input_values(b, node)
     has_tensor = any(True for v in vals for _ in iter_maps(v))
+    if rule is not None and rule.name == "elementwise" and not has_tensor:
+        return _python_value(b, node, vals)  # arithmetic on Python numbers (sizes)
     if rule is None:
         if node.op == "call_function" and not has_tensor:
             return _python_value(b, node, vals)
@@ -275,12 +277,19 @@ register("method:numel", "method:dim", "method:nelement", torch.numel, name="num
 
 
 def _new_size_list(s, node: fx.Node, out_tm: TMap, items: list):
-    """Rewrite literal ints in a size list whose axis changed length."""
+    """Rewrite the sizes in a size list: literal ints of axes that changed length, and sizes
+    computed from channel counts (they may count another group's channels) become literals."""
     new = s.new_shape(out_tm)
     out = list(items)
     for a, it in enumerate(items):
-        if isinstance(it, int) and it not in (-1,) and a < len(new) and new[a] != out_tm.shape[a]:
+        if a >= len(new):
+            break
+        if isinstance(it, int) and it != -1 and new[a] != out_tm.shape[a]:
             out[a] = int(new[a])
+        elif isinstance(it, fx.Node):
+            sv = s.tm(it)
+            if isinstance(sv, SizeVal) and sv.ids is not None:
+                out[a] = int(new[a])
     return out
 
 
@@ -312,7 +321,7 @@ def _set_size_items(node: fx.Node, start: int, items, how):
 def _slim_sizes(start: int):
     def hook(s, node: fx.Node):
         out_tm = s.tm(node)
-        if not isinstance(out_tm, TMap) or not out_tm.factors:
+        if not isinstance(out_tm, TMap):
             return
         items, how = _size_items(node, start)
         if items is None:

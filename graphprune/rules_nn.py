@@ -629,6 +629,13 @@ def _mha(b: Builder, node: fx.Node):
 def _slim_mha(s, node: fx.Node):
     mod: nn.MultiheadAttention = s.module(node)
     e = mod.out_proj.weight.shape[0]
+    e0 = mod.embed_dim
+    if e != e0:  # MHA scales q by 1/sqrt(head_dim): keep the original scale
+        f = float(np.sqrt(e / e0))
+        with torch.no_grad():
+            mod.in_proj_weight[:e].mul_(f)
+            if mod.in_proj_bias is not None:
+                mod.in_proj_bias[:e].mul_(f)
     mod.embed_dim = mod.kdim = mod.vdim = e
     mod.head_dim = e // mod.num_heads
     mod.out_proj.in_features = mod.out_proj.out_features = e

@@ -88,6 +88,16 @@ def _to64(x):
     return x.double() if isinstance(x, torch.Tensor) and torch.is_floating_point(x) else x
 
 
+def _check(model, oracle, args, kwargs, trials, seed, cast=None) -> float:
+    err = 0.0
+    for t in range(trials):
+        a, k = random_like_inputs(args, kwargs, seed + t)
+        if cast is not None:
+            a, k = tree_map(cast, a), tree_map(cast, k)
+        err = max(err, max_rel_error(_run(model, a, k), _run(oracle, a, k)))
+    return err
+
+
 def verify_against(
     model: fx.GraphModule,
     oracle: nn.Module,
@@ -99,32 +109,38 @@ def verify_against(
     rtol32: float = 1e-4,
     rtol64: float = 1e-9,
     what: str = "slimmed model",
+    build64=None,
 ) -> VerifyReport:
-    """Run model and oracle on `trials` random inputs in fp32 and fp64; raise on mismatch."""
+    """Run model and oracle on `trials` random inputs; raise VerificationError on mismatch.
+
+    fp32: the given model against the given oracle. fp64: `build64()` returns a (model, oracle)
+    pair rebuilt from a float64 copy of the source (so the rewrite itself is checked exactly);
+    without it, float64 copies of the given pair are compared.
+    """
     model.graph.lint()
     was = model.training, oracle.training
     model.eval()
     oracle.eval()
-    err32, err64, note = 0.0, None, ""
+    err64, note = None, ""
     try:
-        for t in range(trials):
-            a, k = random_like_inputs(args, kwargs, seed + t)
-            try:
-                out = _run(model, a, k)
-            except Exception as e:  # noqa: BLE001
-                raise VerificationError(f"{what} fails to run: {type(e).__name__}: {e}") from e
-            err32 = max(err32, max_rel_error(out, _run(oracle, a, k)))
+        try:
+            err32 = _check(model, oracle, args, kwargs, trials, seed)
+        except VerificationError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise VerificationError(f"{what} fails to run: {type(e).__name__}: {e}") from e
         if err32 > rtol32:
             raise VerificationError(
                 f"{what} differs from its oracle: max relative error {err32:.3e} > {rtol32:g} (fp32)"
             )
         try:
-            m64, o64 = copy.deepcopy(model).double(), copy.deepcopy(oracle).double()
-            err64 = 0.0
-            for t in range(trials):
-                a, k = random_like_inputs(args, kwargs, seed + 100 + t)
-                a, k = tree_map(_to64, a), tree_map(_to64, k)
-                err64 = max(err64, max_rel_error(_run(m64, a, k), _run(o64, a, k)))
+            if build64 is not None:
+                m64, o64 = build64()
+            else:
+                m64, o64 = copy.deepcopy(model).double(), copy.deepcopy(oracle).double()
+            m64.eval()
+            o64.eval()
+            err64 = _check(m64, o64, args, kwargs, trials, seed + 100, cast=_to64)
         except VerificationError:
             raise
         except Exception as e:  # noqa: BLE001 - graphs with baked dtypes cannot run in fp64

@@ -56,9 +56,9 @@ class _Oracle(Live):
         self.aliases[new.name] = self.aliases.get(node.name, node.name)
 
 
-def _zero_params(o: _Oracle, a: Analysis) -> None:
+def _zero_params(o: _Oracle, a: Analysis, src) -> None:
     for info in a.params.values():
-        t = get_tensor(a.graph, info.names[0])
+        t = get_tensor(src, info.names[0])
         if not torch.is_floating_point(t):
             continue
         m = o.mask(TMap(tuple(t.shape), tuple(f for f in info.tmap.factors
@@ -75,12 +75,13 @@ def _zero_params(o: _Oracle, a: Analysis) -> None:
             set_tensor(o.gm, name, new.clone(), get_tensor(o.gm, name))
 
 
-def mask(a: Analysis, plan: Plan) -> fx.GraphModule:
-    """The masked dense oracle; see the module docstring."""
+def mask(a: Analysis, plan: Plan, src: fx.GraphModule | None = None) -> fx.GraphModule:
+    """The masked dense oracle; see the module docstring. `src` as in `slim`."""
     alive = plan.alive(a)
-    gm = copy.deepcopy(a.graph)
+    src = a.graph if src is None else src
+    gm = copy.deepcopy(src)
     o = _Oracle(a, alive, gm)
-    _zero_params(o, a)
+    _zero_params(o, a, src)
     g = gm.graph
     # 1) zero dead positions of every activation
     for node in list(g.nodes):

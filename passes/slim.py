@@ -54,12 +54,13 @@ def _slice(live: Live, t: torch.Tensor, info: ParamInfo) -> torch.Tensor | None:
     return out if changed else None
 
 
-def slim(a: Analysis, plan: Plan) -> fx.GraphModule:
-    """Remove the plan's channels; see the module docstring."""
+def slim(a: Analysis, plan: Plan, src: fx.GraphModule | None = None) -> fx.GraphModule:
+    """Remove the plan's channels; see the module docstring. `src` (default: the analysed
+    graph) may be a converted copy of it, e.g. in float64."""
     alive = plan.alive(a)
-    gm = copy.deepcopy(a.graph)
+    src = a.graph if src is None else src
+    gm = copy.deepcopy(src)
     live = Live(a, alive, gm)
-    src = a.graph
     for info in a.params.values():
         t = get_tensor(src, info.names[0])
         new = _slice(live, t, info)
