@@ -18,7 +18,7 @@ from .analysis import Analysis, analyze_graph
 from .config import PruneConfig
 from .errors import PlanError
 from .importance import score
-from .plan import Plan, Uniform, keep_count, select_top
+from .plan import Plan, Uniform, keep_count, repair_empty, select_top
 from .report import count_macs, count_params
 from .trace import trace
 from .verify import verify_against
@@ -64,7 +64,10 @@ def plan(a: Analysis, target=None, importance="l1", *, config: PruneConfig | Non
             else:
                 k = keep_count(g.size, tgt.ratio, cfg.round_to, cfg.min_channels)
             if k < g.size:
-                keep[g.id] = select_top(g, scores[g.id], k)
+                sel = select_top(g, scores[g.id], k)
+                if g.rows is None:
+                    sel = repair_empty(a, g, sel, scores[g.id])
+                keep[g.id] = sel
         meta = {"target": repr(tgt), "importance": str(cfg.importance)}
     else:
         from .allocate import allocate

@@ -13,7 +13,7 @@ import numpy as np
 from .analysis import Analysis, ChannelGroup
 from .errors import PlanError
 
-__all__ = ["Plan", "Uniform", "Target", "select_top", "keep_count"]
+__all__ = ["Plan", "Uniform", "Target", "select_top", "keep_count", "segments", "repair_empty"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,12 @@ class Plan:
                 )
             if min(idx) < 0 or max(idx) >= g.size or len(set(idx)) != len(idx):
                 raise PlanError(f"group {gid}: kept indices out of range or repeated")
+            for seg, where in segments(a, g):
+                if not set(seg) & set(idx):
+                    raise PlanError(
+                        f"plan removes every channel {where} seen (group {gid}): that would "
+                        f"empty a layer; keep at least one channel"
+                    )
             if g.rows is not None:
                 kept = set(idx)
                 counts = {sum(1 for i in r if int(i) in kept) for r in g.rows}
@@ -158,3 +164,27 @@ def select_top(g: ChannelGroup, scores: np.ndarray, k_total: int) -> tuple[int, 
         o = np.argsort(-scores[row], kind="stable")[:per_row]
         keep.extend(int(row[i]) for i in o)
     return tuple(sorted(keep))
+
+
+def segments(a: Analysis, g: ChannelGroup) -> list[tuple[list[int], str]]:
+    """Local index sets of the group that one parameter axis sees (a layer's input or output)."""
+    local = {int(c): i for i, c in enumerate(g.classes)}
+    out = []
+    for info in a.params.values():
+        for f in info.tmap.factors:
+            labs = a.labels[f.ids.reshape(-1)]
+            if a.class_group[labs[0]] != g.id:
+                continue
+            seg = sorted({local[int(x)] for x in labs if int(x) in local})
+            if seg:
+                out.append((seg, f"that {info.names[0]}[{f.axes[0]}]"))
+    return out
+
+
+def repair_empty(a: Analysis, g: ChannelGroup, keep: tuple[int, ...], scores) -> tuple[int, ...]:
+    """Add back the best channel of any layer axis the selection would leave empty."""
+    kept = set(keep)
+    for seg, _ in segments(a, g):
+        if not kept & set(seg):
+            kept.add(max(seg, key=lambda i: scores[i]))
+    return tuple(sorted(kept))
