@@ -112,6 +112,7 @@ class Builder:
         self.tmaps: dict[str, Any] = {}
         self.params: dict[int, dict] = {}  # id(tensor) -> {"names", "tmap", "grouped_in"}
         self.notes: dict[str, dict] = {}
+        self.produced: list[np.ndarray] = []
         self.node: fx.Node | None = None
 
     # ---- ids ------------------------------------------------------------------------------
@@ -139,6 +140,11 @@ class Builder:
             self.fixes.append(
                 (np.concatenate([a, b]), f"coupled to a fixed channel at {self.here()}")
             )
+
+    def produce(self, ids) -> None:
+        """Mark ids as a layer's output channels (groups without any are only shown if free)."""
+        if ids is not None:
+            self.produced.append(np.asarray(ids).reshape(-1))
 
     def fix(self, ids, reason: str) -> None:
         ids = np.asarray(ids).reshape(-1)
@@ -275,6 +281,30 @@ class Builder:
                         self.no_shrink(f, a)
         return TMap(tm.shape[:axis] + tm.shape[axis + 1 :], tuple(out))
 
+    def select(self, tm: TMap, axis: int, index: int) -> TMap:
+        """Take one index along an axis (int indexing, select, unbind)."""
+        axis = axis % tm.ndim
+        f = tm.factor_of(axis)
+        if f is None:
+            return self.drop_axis(tm, axis)
+        if len(f.axes) == 1:
+            self.fix(f.ids, "a single channel is selected by index")
+            return self.drop_axis(tm, axis)
+        self.no_shrink(f, axis)  # e.g. q/k/v = qkv[0], qkv[1], qkv[2]
+        k = f.axes.index(axis)
+        sub = Factor(
+            tuple(a - (a > axis) for a in f.axes if a != axis),
+            np.take(f.ids, int(index), axis=k),
+            f.rows,
+        )
+        rest = TMap(tm.shape, tuple(g for g in tm.factors if g is not f))
+        out = self.drop_axis(rest, axis)
+        fs = tuple(sorted(out.factors + (sub,), key=lambda g: g.axes))
+        if len(sub.axes) == 1:
+            sub = Factor(sub.axes, sub.ids)
+            fs = tuple(sorted([g for g in out.factors] + [sub], key=lambda g: g.axes))
+        return TMap(out.shape, fs)
+
     def reshape(self, tm: TMap, new_shape) -> TMap:
         """Channel map after view/reshape/flatten/unflatten."""
         new_shape = tuple(int(s) for s in new_shape)
@@ -325,10 +355,18 @@ class Builder:
             return
         flat = full.reshape(-1)
         rows = f.rows
-        if len(flat) == rows.size and np.array_equal(flat, rows.reshape(-1)):
+        pos = {int(x): i for i, x in enumerate(flat)}
+        ok = True
+        present = []
+        for r in rows:
+            idx = [pos[int(x)] for x in r if int(x) in pos]
+            if idx:
+                present.append(r)
+                ok = ok and idx == list(range(idx[0], idx[0] + len(idx)))
+        if ok:
             return
-        for r in range(1, rows.shape[0]):
-            self.unify(rows[0], rows[r])
+        for r in present[1:]:
+            self.unify(present[0], r)
 
     # ---- final ----------------------------------------------------------------------------
     def finish(self) -> Analysis:
@@ -423,6 +461,10 @@ def _finish(b: Builder) -> Analysis:
     vis_grp = np.zeros_like(fixed_grp)
     np.logical_or.at(vis_grp, graw, seen)
     vis_grp[graw[labels[FIXED]]] = False
+    prod_grp = np.zeros_like(fixed_grp)
+    if b.produced:
+        prod_grp[graw[labels[np.concatenate(b.produced)]]] = True
+    vis_grp &= prod_grp | ~fixed_grp  # hide pinned axes of parameters/constants used directly
     # arrangements by group
     arr_by_grp: dict[int, list] = {}
     for arr, where in b.arrangements:
@@ -513,8 +555,9 @@ def _rows(classes: np.ndarray, arrs) -> tuple[np.ndarray | None, str]:
         # accept if one layout refines all others (its rows nest inside theirs)
         fine = min(layouts, key=lambda t: len(t[1][0]))
         for k, rows, where in layouts:
+            covered = {x for rr in rows for x in rr}
             for r in fine[1]:
-                if not any(set(r) <= set(rr) for rr in rows):
+                if set(r) & covered and not any(set(r) <= set(rr) for rr in rows):
                     return None, f"conflicting head/group layouts at {fine[2]} and {where}"
         layouts = [fine]
     rows = layouts[0][1]

@@ -176,7 +176,26 @@ _EW_METHODS = [
     "le", "gt", "ge", "logical_not", "bool", "zero_", "fill_", "addcmul", "maximum", "minimum",
     "hardswish", "silu",
 ]
-register(*dict.fromkeys(_EW_FUNCS), *_EW_MODULES, *[f"method:{m}" for m in _EW_METHODS],
+def _inplace_variants(ops):
+    """aten `x_.default` in-place twins of elementwise overloads (hardsigmoid_, relu_, ...)."""
+    out = []
+    for op in ops:
+        name = str(op)
+        if not name.startswith("aten.") or name.count(".") != 2:
+            continue
+        _, base, overload = name.split(".")
+        if base.endswith("_"):
+            continue
+        packet = getattr(aten, base + "_", None)
+        twin = getattr(packet, overload, None) if packet is not None else None
+        if twin is not None:
+            out.append(twin)
+    return out
+
+
+_EW_ALL = list(dict.fromkeys([f for f in _EW_FUNCS if f is not None]))
+_EW_ALL += [t for t in _inplace_variants(_EW_ALL) if t not in _EW_ALL]
+register(*dict.fromkeys(_EW_ALL), *_EW_MODULES, *[f"method:{m}" for m in _EW_METHODS],
          name="elementwise")(_elementwise)
 
 _PASS_METHODS = [
@@ -569,10 +588,7 @@ register(
 def _unbind(b: Builder, node: fx.Node):
     tm = b.tm(node.args[0])
     dim = arg(node, 1, "dim", 0) % tm.ndim
-    f = tm.factor_of(dim)
-    if f is not None:
-        b.fix(f.ids, "unbind along a channel axis")
-    return tuple(b.drop_axis(tm, dim) for _ in range(tm.shape[dim]))
+    return tuple(b.select(tm, dim, i) for i in range(tm.shape[dim]))
 
 
 register(torch.unbind, "method:unbind", aten.unbind.int, name="unbind")(_unbind)
@@ -616,10 +632,12 @@ def _getitem(b: Builder, node: fx.Node):
         elif isinstance(it, slice):
             tm = _slice_axis(b, tm, axis, it.start, it.stop, it.step)
             axis += 1
-        elif isinstance(it, (int, fx.Node)):
+        elif isinstance(it, int):
+            tm = b.select(tm, axis, it)
+        elif isinstance(it, fx.Node):
             f = tm.factor_of(axis)
-            if f is not None and len(f.axes) == 1:
-                b.fix(f.ids, "a single channel is selected by index")
+            if f is not None:
+                b.fix(f.ids, "a channel is selected by a computed index")
             tm = b.drop_axis(tm, axis)
         else:
             return _unknown(b, node, None, [m])
@@ -741,10 +759,13 @@ register(torch.narrow, "method:narrow", aten.narrow.default, name="narrow", slim
 def _select(b: Builder, node: fx.Node):
     tm = b.tm(node.args[0])
     dim = arg(node, 1, "dim") % tm.ndim
-    f = tm.factor_of(dim)
-    if f is not None and len(f.axes) == 1:
-        b.fix(f.ids, "a single channel is selected by index")
-    return b.drop_axis(tm, dim)
+    index = arg(node, 2, "index")
+    if not isinstance(index, int):
+        f = tm.factor_of(dim)
+        if f is not None:
+            b.fix(f.ids, "a channel is selected by a computed index")
+        return b.drop_axis(tm, dim)
+    return b.select(tm, dim, index % tm.shape[dim])
 
 
 register(aten.select.int, torch.select, "method:select", name="select")(_select)
@@ -898,9 +919,12 @@ register(F.normalize, name="normalize")(_normalize)
 def _order_sensitive(b: Builder, node: fx.Node):
     """cumsum/flip/roll/sort along a channel axis: positions matter, so fix that axis."""
     tm = b.tm(node.args[0])
-    dim = arg(node, 1, "dim")
-    if dim is None and node.target in ("flip", torch.flip, "roll", torch.roll):
-        dim = arg(node, 2, "dims") if node.target in ("roll", torch.roll) else arg(node, 1, "dims")
+    if node.target in ("roll", torch.roll, aten.roll.default):
+        dim = arg(node, 2, "dims")
+    elif node.target in ("flip", torch.flip, aten.flip.default):
+        dim = arg(node, 1, "dims")
+    else:
+        dim = arg(node, 1, "dim")
     dims = dim if isinstance(dim, (list, tuple)) else [dim] if dim is not None else range(tm.ndim)
     for d in dims:
         f = tm.factor_of(int(d) % tm.ndim)
@@ -911,7 +935,8 @@ def _order_sensitive(b: Builder, node: fx.Node):
 
 
 register("method:cumsum", torch.cumsum, "method:flip", torch.flip, "method:roll", torch.roll,
-         "method:cumprod", torch.cumprod, aten.cumsum.default, name="order_sensitive")(
+         "method:cumprod", torch.cumprod, aten.cumsum.default, aten.roll.default,
+         aten.flip.default, name="order_sensitive")(
     _order_sensitive
 )
 
@@ -936,7 +961,9 @@ def _creation(start: int):
                 ) == shape[a]:
                     fs.append(Factor((a,), sv.ids))
                 elif isinstance(it, int):
-                    fs.append(Factor((a,), b.fresh(shape[a])))
+                    fresh = b.fresh(shape[a])
+                    b.produce(fresh)
+                    fs.append(Factor((a,), fresh))
         return TMap(shape, tuple(fs))
 
     return rule

@@ -111,6 +111,7 @@ def _conv(b: Builder, node, x: TMap, w: TMap, bias: TMap | None, groups: int, wk
             O = w0
     if bias is not None:
         _tie(b, _ids0(bias, 0), O, "output channels cannot change")
+    b.produce(O)
     return _with_channel(out_shape, cax, O)
 
 
@@ -196,6 +197,7 @@ def _linear(b: Builder, node, x: TMap, w: TMap, bias: TMap | None) -> TMap:
     if bias is not None:
         _tie(b, _ids0(bias, 0), O, "output features cannot change")
     fs = [f for f in x.factors if (x.ndim - 1) not in f.axes]
+    b.produce(O)
     if O is not None and out_shape[-1] > 1:
         fs.append(Factor((nd - 1,), O))
     return TMap(out_shape, tuple(fs))
@@ -230,6 +232,7 @@ register(F.linear, aten.linear.default, name="linear_fn")(_linear_fn)
 
 def _embedding(b: Builder, node, w: TMap) -> TMap:
     out_shape = tuple(b.val(node).shape)
+    b.produce(_ids0(w, 1))
     return _with_channel(out_shape, len(out_shape) - 1, _ids0(w, 1))
 
 
@@ -622,6 +625,7 @@ def _mha(b: Builder, node: fx.Node):
     if mod.out_proj.bias is not None:
         _tie(b, _ids0(b.param(f"{node.target}.out_proj.bias"), 0), E, "attention embed dim")
     b.arrange(E.reshape(mod.num_heads, -1))
+    b.produce(E)
     out = q if tuple(v_out[0].shape) == q.shape else rigid_from_val(v_out[0])
     return (out, rigid_from_val(v_out[1]))
 

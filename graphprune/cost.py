@@ -1,0 +1,1335 @@
+"""Cost models: analytic MACs / FLOPs / parameters and measured latency tables.
+
+A layer's cost is a function of its kept input and output channel counts ``(c_in, c_out)``; all
+else it depends on (op, kernel, stride, groups, spatial size, batch, dtype, device) is its
+:class:`LayerSig`. Analytic costs (:func:`macs`, :func:`flops`, :func:`params`,
+:func:`activation_bytes`) are exact. Latency is measured: a :class:`LatencyTable` holds, per
+signature, median latencies of the real op on a grid of channel counts and interpolates between
+grid points; elementwise and normalisation ops get ``op_overhead`` curves (ms as a function of
+bytes moved) so that the latency of a whole model can be composed from its parts
+(:func:`estimate_model_latency`).
+
+Measurement strategy (see ``benchmarks/RESULTS_cost.md`` for the numbers behind it): a full
+step-``round_to`` grid is measured only when it is small. Otherwise a signature gets a
+*staircase-corrected coarse grid*: a coarse 2-D grid (about 9 × 9 points, denser at small counts),
+plus the full fine staircase along each axis measured at the other axis' full size. A lookup is the
+bilinear interpolation of the coarse grid multiplied by the ratio of each axis' fine staircase to
+its own coarse interpolation (a separable correction), which is exact on every measured point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import operator
+import os
+import platform
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "LayerSig",
+    "SUPPORTED_OPS",
+    "OVERHEAD_KINDS",
+    "CACHE_DIR",
+    "num_groups",
+    "output_spatial",
+    "macs",
+    "flops",
+    "params",
+    "activation_bytes",
+    "sig_from_module",
+    "layer_op",
+    "measure_latency",
+    "num_threads",
+    "device_name",
+    "device_key",
+    "cache_dir",
+    "LatencyTable",
+    "LatencyTableMismatch",
+    "CostItem",
+    "model_cost_items",
+    "estimate_model_latency",
+]
+
+_CONV_OPS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONVT_OPS = {"conv_transpose1d": 1, "conv_transpose2d": 2, "conv_transpose3d": 3}
+_DENSE_OPS = {"linear", "matmul"}
+SUPPORTED_OPS = frozenset(_CONV_OPS) | frozenset(_CONVT_OPS) | frozenset(_DENSE_OPS)
+
+#: Module-level override of the latency cache folder (else ``$GRAPHPRUNE_CACHE``, else
+#: ``~/.cache/graphprune/latency``).
+CACHE_DIR: str | os.PathLike | None = None
+
+_FORMAT = "graphprune.latency/1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Signatures
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerSig:
+    """What a layer's cost depends on besides its channel counts.
+
+    ``spatial`` is the input spatial size (H, W) for convolutions; for ``linear`` and ``matmul``
+    it is the product of the leading token dims, e.g. ``(N,)`` for an input ``[B, N, C]`` (``()``
+    for ``[B, C]``). ``groups`` is ``"1"``, ``"depthwise"`` (groups == c_in, c_out a multiple of
+    c_in) or ``"g=<int>"`` (a fixed group count). ``matmul`` means ``a[batch, *spatial, c_in] @
+    b[batch, c_in, c_out]`` with two activations (no parameters). Conv fields are normalised:
+    ``stride=()`` becomes ``(1, 1)`` and so on, so equal layers give equal (hashable) signatures.
+    """
+
+    op: str
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: str = "1"
+    spatial: tuple[int, ...] = ()
+    batch: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.op not in SUPPORTED_OPS:
+            raise ValueError(
+                f"LayerSig: unsupported op {self.op!r}; known: {sorted(SUPPORTED_OPS)}"
+            )
+        nd = _CONV_OPS.get(self.op) or _CONVT_OPS.get(self.op)
+        if nd:
+            kernel = _per_dim(self.kernel, nd, None, "kernel")
+            self._set("kernel", kernel)
+            self._set("stride", _per_dim(self.stride, nd, 1, "stride"))
+            self._set("padding", _per_dim(self.padding, nd, 0, "padding"))
+            self._set("dilation", _per_dim(self.dilation, nd, 1, "dilation"))
+            if len(self.spatial) != nd:
+                raise ValueError(f"LayerSig {self.op}: spatial needs {nd} dims, got {self.spatial}")
+        elif self.kernel or self.stride or self.padding or self.dilation:
+            raise ValueError(f"LayerSig {self.op}: kernel/stride/padding/dilation must be empty")
+        self._set("spatial", tuple(int(v) for v in self.spatial))
+        self._set("groups", _normalise_groups(self.groups))
+        if self.op in _DENSE_OPS and self.groups != "1":
+            raise ValueError(f"LayerSig {self.op}: groups must be '1'")
+        self._set("dtype", str(self.dtype).removeprefix("torch."))
+        self._set("device", str(self.device))
+        self._set("batch", int(self.batch))
+        self._set("bias", bool(self.bias) and self.op != "matmul")
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LayerSig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def short(self) -> str:
+        """A compact human-readable description, e.g. ``conv2d k3 s2 g=1 56x56 b1``."""
+        parts = [self.op]
+        if self.kernel:
+            parts.append("k" + "x".join(map(str, self.kernel)))
+            parts.append("s" + "x".join(map(str, self.stride)))
+        if self.groups != "1":
+            parts.append(self.groups)
+        if self.spatial:
+            parts.append("x".join(map(str, self.spatial)))
+        parts.append(f"b{self.batch}")
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        return " ".join(parts)
+
+
+def _per_dim(values: Sequence[int], nd: int, default: int | None, name: str) -> tuple[int, ...]:
+    """Expand a per-dimension conv argument to ``nd`` ints (``()`` -> default, one value -> nd)."""
+    values = tuple(int(v) for v in values)
+    if not values:
+        if default is None:
+            raise ValueError(f"LayerSig: {name} is required for convolutions")
+        return (default,) * nd
+    if len(values) == 1:
+        return values * nd
+    if len(values) != nd:
+        raise ValueError(f"LayerSig: {name}={values} does not have {nd} dims")
+    return values
+
+
+def _normalise_groups(groups: str | int) -> str:
+    """Canonical form of the ``groups`` field."""
+    if isinstance(groups, int):
+        return "1" if groups == 1 else f"g={groups}"
+    groups = str(groups)
+    if groups in ("1", "depthwise"):
+        return groups
+    if groups.startswith("g=") and groups[2:].isdigit() and int(groups[2:]) >= 1:
+        return "1" if int(groups[2:]) == 1 else groups
+    raise ValueError(f"LayerSig: groups must be '1', 'depthwise' or 'g=<int>', got {groups!r}")
+
+
+def num_groups(sig: LayerSig, c_in: int, c_out: int) -> int:
+    """The conv ``groups`` argument for these channel counts (checks divisibility)."""
+    if sig.groups == "1":
+        g = 1
+    elif sig.groups == "depthwise":
+        g = c_in
+    else:
+        g = int(sig.groups[2:])
+    if c_in <= 0 or c_out <= 0 or c_in % g or c_out % g:
+        raise ValueError(f"{sig.short()}: channels ({c_in}, {c_out}) do not fit groups={g}")
+    return g
+
+
+def output_spatial(sig: LayerSig) -> tuple[int, ...]:
+    """Output spatial size (exact for stride / padding / dilation; transposed convs assume
+    ``output_padding=0``). For linear / matmul this is ``sig.spatial``."""
+    if sig.op in _CONV_OPS:
+        out = tuple(
+            (h + 2 * p - d * (k - 1) - 1) // s + 1
+            for h, k, s, p, d in zip(sig.spatial, sig.kernel, sig.stride, sig.padding, sig.dilation)
+        )
+    elif sig.op in _CONVT_OPS:
+        out = tuple(
+            (h - 1) * s - 2 * p + d * (k - 1) + 1
+            for h, k, s, p, d in zip(sig.spatial, sig.kernel, sig.stride, sig.padding, sig.dilation)
+        )
+    else:
+        out = sig.spatial
+    if any(v <= 0 for v in out):
+        raise ValueError(f"{sig.short()}: empty output spatial size {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic costs
+# ----------------------------------------------------------------------------------------------
+
+
+def macs(sig: LayerSig, c_in: int, c_out: int) -> int:
+    """Multiply-accumulates of one forward call (bias adds are not counted, as in
+    ``torch.utils.flop_counter``)."""
+    g = num_groups(sig, c_in, c_out)
+    if sig.op in _CONV_OPS:
+        k = math.prod(sig.kernel)
+        return sig.batch * math.prod(output_spatial(sig)) * c_out * (c_in // g) * k
+    if sig.op in _CONVT_OPS:
+        k = math.prod(sig.kernel)
+        return sig.batch * math.prod(sig.spatial) * c_in * (c_out // g) * k
+    return sig.batch * math.prod(sig.spatial) * c_in * c_out
+
+
+def flops(sig: LayerSig, c_in: int, c_out: int) -> int:
+    """Floating-point operations: ``2 * macs``."""
+    return 2 * macs(sig, c_in, c_out)
+
+
+def params(sig: LayerSig, c_in: int, c_out: int) -> int:
+    """Parameter count of the layer, bias included (``matmul`` has none)."""
+    g = num_groups(sig, c_in, c_out)
+    bias = c_out if sig.bias else 0
+    if sig.op in _CONV_OPS:
+        return c_out * (c_in // g) * math.prod(sig.kernel) + bias
+    if sig.op in _CONVT_OPS:
+        return c_in * (c_out // g) * math.prod(sig.kernel) + bias
+    if sig.op == "linear":
+        return c_in * c_out + bias
+    return 0
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def activation_bytes(sig: LayerSig, c_in: int, c_out: int) -> int:
+    """Bytes of the layer's output activation."""
+    num_groups(sig, c_in, c_out)
+    return sig.batch * math.prod(output_spatial(sig)) * c_out * _itemsize(sig.dtype)
+
+
+def sig_from_module(
+    module: nn.Module, input_shape: Sequence[int], dtype: Any = None, device: Any = None
+) -> tuple[LayerSig, int, int]:
+    """``(LayerSig, c_in, c_out)`` of a conv / transposed conv / linear module for an input shape.
+
+    ``padding='same'`` with an even total padding is exact; with an odd total (even kernels) the
+    stored symmetric padding makes the output one row short (MACs within one row)."""
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        raise TypeError(f"sig_from_module: no cost model for {type(module).__name__}")
+    p = next(iter(module.parameters()), None)
+    dtype = dtype if dtype is not None else (p.dtype if p is not None else torch.float32)
+    device = device if device is not None else (p.device.type if p is not None else "cpu")
+    common = {"dtype": str(dtype), "device": str(device), "bias": module.bias is not None}
+    shape = tuple(int(s) for s in input_shape)
+    if isinstance(module, nn.Linear):
+        spatial = (math.prod(shape[1:-1]),) if len(shape) > 2 else ()
+        batch = shape[0] if len(shape) > 1 else 1
+        sig = LayerSig("linear", spatial=spatial, batch=batch, **common)
+        return sig, module.in_features, module.out_features
+    nd = len(module.kernel_size)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    if transposed and any(module.output_padding):
+        raise ValueError("sig_from_module: output_padding is not modelled")
+    op = f"conv_transpose{nd}d" if transposed else f"conv{nd}d"
+    c_in, c_out, g = module.in_channels, module.out_channels, module.groups
+    groups = "1" if g == 1 else ("depthwise" if g == c_in and c_out % c_in == 0 else f"g={g}")
+    sig = LayerSig(
+        op,
+        kernel=module.kernel_size,
+        stride=module.stride,
+        padding=_module_padding(module),
+        dilation=module.dilation,
+        groups=groups,
+        spatial=shape[2:] if len(shape) == nd + 2 else shape[1:],
+        batch=shape[0] if len(shape) == nd + 2 else 1,
+        **common,
+    )
+    return sig, c_in, c_out
+
+
+def _module_padding(module: nn.Module) -> tuple[int, ...]:
+    pad = module.padding
+    if pad == "valid":
+        return (0,) * len(module.kernel_size)
+    if pad == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+    return tuple(pad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Context manager fixing ``torch.set_num_threads(n)`` (``None``: leave as is)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
+
+
+def _first_device(fn: Any, inputs: Iterable) -> torch.device:
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    if isinstance(fn, nn.Module):
+        p = next(iter(fn.parameters()), None)
+        if p is not None:
+            return p.device
+    return torch.device("cpu")
+
+
+def _sample_ms(call: Callable[[], Any], number: int, device: torch.device) -> float:
+    """Time ``number`` back-to-back calls; return ms per call."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / number
+    t0 = time.perf_counter()
+    for _ in range(number):
+        call()
+    return (time.perf_counter() - t0) * 1e3 / number
+
+
+def measure_latency(
+    fn_or_module: Callable,
+    inputs: Any = (),
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+    min_sample_ms: float = 0.0,
+) -> tuple[float, float]:
+    """Median and inter-quartile range (ms) of ``fn_or_module(*inputs)``.
+
+    Runs under ``torch.inference_mode()`` with a fixed thread count (``threads``; ``None`` keeps
+    the current one). ``inputs`` is a tuple, a single tensor, or a dict of keyword arguments. Each
+    of the ``repeats`` samples times enough back-to-back calls to last ``min_sample_ms`` (one call
+    when 0). On CUDA, samples are timed with CUDA events after a synchronize.
+    """
+    if isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    else:
+        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        kwargs = {}
+    device = _first_device(fn_or_module, list(args) + list(kwargs.values()))
+
+    def call():
+        return fn_or_module(*args, **kwargs)
+
+    with num_threads(threads), torch.inference_mode():
+        for _ in range(max(warmup, 1)):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        number = 1
+        if min_sample_ms > 0:
+            once = _sample_ms(call, 1, device)
+            number = max(1, math.ceil(min_sample_ms / max(once, 1e-6)))
+        samples = [_sample_ms(call, number, device) for _ in range(max(repeats, 1))]
+    if len(samples) >= 2:
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    else:
+        q1 = q3 = samples[0]
+    return statistics.median(samples), q3 - q1
+
+
+class _Arena:
+    """Random tensors for timing, served as views of a few growing buffers (no per-point
+    ``randn``): slot ``"x"`` for activations, ``"w"`` for weights, ``"b"`` for biases."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.bufs = device, dtype, {}
+
+    def get(self, slot: str, shape: Sequence[int]) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(slot)
+        if buf is None or buf.numel() < n:
+            size = max(n, int(1.5 * buf.numel()) if buf is not None else n)
+            buf = torch.randn(size, device=self.device, dtype=self.dtype)
+            self.bufs[slot] = buf
+        return buf[:n].view(*shape)
+
+
+def layer_op(
+    sig: LayerSig, c_in: int, c_out: int, device: Any = None, arena: _Arena | None = None
+) -> tuple[Callable, tuple]:
+    """``(fn, args)``: the real op of ``sig`` at ``(c_in, c_out)`` on random tensors, for
+    :func:`measure_latency`. ``device`` defaults to ``sig.device``."""
+    device = torch.device(device if device is not None else sig.device)
+    arena = arena or _Arena(device, getattr(torch, sig.dtype))
+    g = num_groups(sig, c_in, c_out)
+    bias = arena.get("b", (c_out,)) if sig.bias else None
+    if sig.op in _CONV_OPS or sig.op in _CONVT_OPS:
+        x = arena.get("x", (sig.batch, c_in, *sig.spatial))
+        conv_args = (sig.stride, sig.padding)
+        if sig.op in _CONV_OPS:
+            w = arena.get("w", (c_out, c_in // g, *sig.kernel))
+            fn = getattr(F, sig.op)
+            return (lambda: fn(x, w, bias, *conv_args, sig.dilation, g)), ()
+        w = arena.get("w", (c_in, c_out // g, *sig.kernel))
+        fn = getattr(F, sig.op)
+        return (lambda: fn(x, w, bias, *conv_args, 0, g, sig.dilation)), ()
+    tokens = math.prod(sig.spatial)
+    x = arena.get("x", (sig.batch, tokens, c_in) if sig.spatial else (sig.batch, c_in))
+    if sig.op == "linear":
+        w = arena.get("w", (c_out, c_in))
+        return (lambda: F.linear(x, w, bias)), ()
+    y = arena.get("w", (sig.batch, c_in, c_out))
+    return (lambda: torch.matmul(x, y)), ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Device keys and cache
+# ----------------------------------------------------------------------------------------------
+
+
+class LatencyTableMismatch(ValueError):
+    """A latency table was measured on another device / torch version / thread count / dtype."""
+
+
+def device_name(device: Any = "cpu") -> str:
+    """A stable human-readable name of a device (GPU model, or CPU model + SIMD level + cores)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {model} [{cap}] x{os.cpu_count()}"
+
+
+def device_key(device: Any = "cpu", threads: int | None = None, dtype: str = "float32") -> dict:
+    """The header a table is valid for: device name, torch version, thread count, dtype."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": int(threads or torch.get_num_threads()),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def cache_dir() -> Path:
+    """Folder of cached tables: ``CACHE_DIR`` if set, else ``$GRAPHPRUNE_CACHE``, else
+    ``~/.cache/graphprune/latency``."""
+    if CACHE_DIR is not None:
+        return Path(CACHE_DIR)
+    env = os.environ.get("GRAPHPRUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "graphprune" / "latency"
+
+
+def _cache_path(key: Mapping) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"latency-t{key['threads']}-{key['dtype']}-{digest}.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-signature tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _axis(c_max: int, step: int) -> list[int]:
+    """Multiples of ``step`` up to ``c_max``, plus ``c_max`` itself."""
+    if c_max <= step:
+        return [c_max]
+    vals = list(range(step, c_max + 1, step))
+    return vals if vals[-1] == c_max else vals + [c_max]
+
+
+def _coarse_axis(fine: Sequence[int], n: int) -> list[int]:
+    """``n`` points of ``fine``, denser at small counts (targets ``c_max * (i/(n-1))**1.5``),
+    always including both ends."""
+    if len(fine) <= n:
+        return list(fine)
+    picked = {fine[0], fine[-1]}
+    for i in range(1, n - 1):
+        target = fine[-1] * (i / (n - 1)) ** 1.5
+        picked.add(min(fine, key=lambda v: abs(v - target)))
+    return sorted(picked)
+
+
+def _axis_weights(axis: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-interpolation indices and weight along one axis (clamped to its ends)."""
+    if len(axis) == 1:
+        zero = np.zeros(np.shape(x), dtype=np.intp)
+        return zero, zero, np.zeros(np.shape(x))
+    x = np.clip(x, axis[0], axis[-1])
+    i1 = np.clip(np.searchsorted(axis, x, side="left"), 1, len(axis) - 1)
+    i0 = i1 - 1
+    return i0, i1, (x - axis[i0]) / (axis[i1] - axis[i0])
+
+
+def _bilinear(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, x, y) -> np.ndarray:
+    """Bilinear interpolation of ``grid[len(xs), len(ys)]`` at broadcastable ``x``, ``y``."""
+    i0, i1, wx = _axis_weights(xs, np.asarray(x, dtype=float))
+    j0, j1, wy = _axis_weights(ys, np.asarray(y, dtype=float))
+    return (
+        (1 - wx) * (1 - wy) * grid[i0, j0]
+        + (1 - wx) * wy * grid[i0, j1]
+        + wx * (1 - wy) * grid[i1, j0]
+        + wx * wy * grid[i1, j1]
+    )
+
+
+@dataclass
+class _SigTable:
+    """Measurements of one signature.
+
+    ``grid`` holds the coarse 2-D grid (``coarse_in`` × ``coarse_out``); ``row`` the fine
+    staircase along ``fine_in`` at ``c_out = c_out_max`` and ``col`` the one along ``fine_out`` at
+    ``c_in = c_in_max``. In ``"full"`` mode coarse == fine; ``"diag"`` (depthwise) tables have one
+    ``c_out`` point and ``c_out = c_in * multiplier``."""
+
+    sig: LayerSig
+    mode: str
+    fine_in: list[int]
+    fine_out: list[int]
+    coarse_in: list[int]
+    coarse_out: list[int]
+    grid: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    points: int = 0
+    seconds: float = 0.0
+    arrays: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def c_in_max(self) -> int:
+        return self.fine_in[-1]
+
+    @property
+    def c_out_max(self) -> int:
+        return self.fine_out[-1]
+
+    def predict(self, c_in, c_out, correct: bool = True) -> np.ndarray:
+        """Interpolated latency (ms) at broadcastable arrays of channel counts."""
+        a = self._np()
+        ci = np.asarray(c_in, dtype=float)
+        co = np.full(np.shape(ci), float(self.c_out_max)) if self.mode == "diag" else c_out
+        co = np.asarray(co, dtype=float)
+        out = _bilinear(a["ci"], a["co"], self.grid, ci, co)
+        if correct and self.mode == "separable":
+            out = out * (
+                np.interp(ci, a["fi"], self.row) / np.interp(ci, a["ci"], self.grid[:, -1])
+            )
+            out = out * (np.interp(co, a["fo"], self.col) / np.interp(co, a["co"], self.grid[-1]))
+        return out
+
+    def _np(self) -> dict:
+        if not self.arrays:
+            self.arrays.update(
+                ci=np.asarray(self.coarse_in, float),
+                co=np.asarray(self.coarse_out, float),
+                fi=np.asarray(self.fine_in, float),
+                fo=np.asarray(self.fine_out, float),
+            )
+        return self.arrays
+
+    def to_dict(self) -> dict:
+        return {
+            "sig": self.sig.to_dict(),
+            "mode": self.mode,
+            "fine_in": self.fine_in,
+            "fine_out": self.fine_out,
+            "coarse_in": self.coarse_in,
+            "coarse_out": self.coarse_out,
+            "grid": self.grid.tolist(),
+            "row": self.row.tolist(),
+            "col": self.col.tolist(),
+            "points": self.points,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> _SigTable:
+        return cls(
+            sig=LayerSig.from_dict(d["sig"]),
+            mode=d["mode"],
+            fine_in=list(d["fine_in"]),
+            fine_out=list(d["fine_out"]),
+            coarse_in=list(d["coarse_in"]),
+            coarse_out=list(d["coarse_out"]),
+            grid=np.asarray(d["grid"], dtype=float),
+            row=np.asarray(d["row"], dtype=float),
+            col=np.asarray(d["col"], dtype=float),
+            points=int(d.get("points", 0)),
+            seconds=float(d.get("seconds", 0.0)),
+        )
+
+
+def _axis_step(sig: LayerSig, round_to: int) -> int:
+    if sig.groups.startswith("g="):
+        return math.lcm(round_to, int(sig.groups[2:]))
+    return round_to
+
+
+def _plan_sig(
+    sig: LayerSig,
+    c_in_max: int,
+    c_out_max: int,
+    round_to: int,
+    strategy: str,
+    coarse: int,
+    full_max_points: int,
+) -> tuple[str, list[int], list[int], list[int], list[int], list[tuple[int, int]]]:
+    """Choose the mode, axes and the (c_in, c_out) points to measure for one signature."""
+    num_groups(sig, c_in_max, c_out_max)
+    step = _axis_step(sig, round_to)
+    if sig.groups == "depthwise":
+        mult = c_out_max // c_in_max
+        fine = _axis(c_in_max, step)
+        return "diag", fine, [c_out_max], fine, [c_out_max], [(c, c * mult) for c in fine]
+    fin, fout = _axis(c_in_max, step), _axis(c_out_max, step)
+    cin, cout = _coarse_axis(fin, coarse), _coarse_axis(fout, coarse)
+    if strategy == "auto":
+        strategy = "full" if len(fin) * len(fout) <= full_max_points else "separable"
+    if strategy == "full":
+        return "full", fin, fout, fin, fout, [(i, o) for i in fin for o in fout]
+    if strategy != "separable":
+        raise ValueError(f"unknown strategy {strategy!r} (auto | full | separable)")
+    pts = {(i, o) for i in cin for o in cout}
+    pts |= {(i, c_out_max) for i in fin} | {(c_in_max, o) for o in fout}
+    return "separable", fin, fout, cin, cout, sorted(pts)
+
+
+def _assemble(
+    sig: LayerSig, plan: tuple, values: Mapping[tuple[int, int], float], seconds: float
+) -> _SigTable:
+    mode, fin, fout, cin, cout, pts = plan
+    if mode == "diag":
+        mult = cout[0] // fin[-1]
+        grid = np.asarray([[values[(c, c * mult)]] for c in fin], dtype=float)
+        return _SigTable(
+            sig,
+            mode,
+            fin,
+            cout,
+            fin,
+            cout,
+            grid,
+            grid[:, 0].copy(),
+            grid[-1].copy(),
+            len(pts),
+            seconds,
+        )
+    grid = np.asarray([[values[(i, o)] for o in cout] for i in cin], dtype=float)
+    row = np.asarray([values[(i, fout[-1])] for i in fin], dtype=float)
+    col = np.asarray([values[(fin[-1], o)] for o in fout], dtype=float)
+    return _SigTable(sig, mode, fin, fout, cin, cout, grid, row, col, len(pts), seconds)
+
+
+def _merge_requests(sigs: Any) -> dict[LayerSig, tuple[int, int]]:
+    """Dedupe ``{sig: (c_in_max, c_out_max)}`` or ``[(sig, c_in_max, c_out_max), ...]`` to one
+    entry per signature with the largest counts on each axis."""
+    items = sigs.items() if isinstance(sigs, Mapping) else ((s, (i, o)) for s, i, o in sigs)
+    merged: dict[LayerSig, tuple[int, int]] = {}
+    for sig, (ci, co) in items:
+        old = merged.get(sig, (0, 0))
+        merged[sig] = (max(old[0], int(ci)), max(old[1], int(co)))
+    for sig, (ci, co) in merged.items():
+        if sig.groups == "depthwise" and co % ci:
+            raise ValueError(f"{sig.short()}: depthwise c_out {co} is not a multiple of c_in {ci}")
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# Op overheads (elementwise / normalisation / pooling): ms as a function of bytes moved
+# ----------------------------------------------------------------------------------------------
+
+
+def _nchw(n: int) -> tuple[int, int, int, int]:
+    side = max(1, round(math.sqrt(n / 64)))
+    return (1, 64, side, side)
+
+
+def _overhead_ops() -> dict[str, Callable[[torch.Tensor], Callable[[], Any]]]:
+    """Kind -> builder taking an NCHW input and returning a no-argument call."""
+
+    def bn(x):
+        c = x.shape[1]
+        stats = [torch.rand(c, device=x.device, dtype=x.dtype) + 0.5 for _ in range(4)]
+        return lambda: F.batch_norm(x, stats[0], stats[1], stats[2], stats[3], False, 0.1, 1e-5)
+
+    def layer_norm(x):
+        t = x.reshape(1, -1, 64)
+        return lambda: F.layer_norm(t, (64,))
+
+    def binary(op):
+        def build(x):
+            y = x.clone()
+            return lambda: op(x, y)
+
+        return build
+
+    def bcast_mul(x):
+        s = torch.rand(1, x.shape[1], 1, 1, device=x.device, dtype=x.dtype)
+        return lambda: x * s
+
+    return {
+        "batch_norm": bn,
+        "layer_norm": layer_norm,
+        "relu": lambda x: lambda: F.relu(x),
+        "relu_": lambda x: lambda: F.relu_(x),
+        "gelu": lambda x: lambda: F.gelu(x),
+        "silu": lambda x: lambda: F.silu(x),
+        "sigmoid": lambda x: lambda: torch.sigmoid(x),
+        "hardswish": lambda x: lambda: F.hardswish(x),
+        "add": binary(torch.add),
+        "add_": binary(torch.Tensor.add_),
+        "mul": binary(torch.mul),
+        "mul_bcast": bcast_mul,
+        "softmax": lambda x: lambda: torch.softmax(x, -1),
+        "max_pool2d": lambda x: lambda: F.max_pool2d(x, 3, 2, 1),
+        "avg_pool2d": lambda x: lambda: F.adaptive_avg_pool2d(x, 1),
+        "cat": lambda x: lambda: torch.cat([x, x], 1),
+        "copy": lambda x: lambda: x.clone(),
+    }
+
+
+#: Kinds with an op-overhead curve; ``"module_call"`` is a constant per ``nn.Module`` call.
+OVERHEAD_KINDS = tuple(_overhead_ops()) + ("module_call",)
+
+
+def _measure_overheads(
+    device: torch.device,
+    dtype: torch.dtype,
+    max_numel: int,
+    warmup: int,
+    repeats: int,
+    progress: bool,
+) -> dict[str, dict[str, list[float]]]:
+    sizes = [2**k for k in range(10, max(11, int(math.log2(max_numel)) + 2))]
+    ops = _overhead_ops()
+    out: dict[str, dict[str, list[float]]] = {}
+    bar = _progress(len(ops) * len(sizes) + 1, "op overheads", progress)
+    for kind, build in ops.items():
+        nbytes, ms = [], []
+        for n in sizes:
+            x = torch.randn(_nchw(n), device=device, dtype=dtype)
+            t, _ = measure_latency(build(x), (), warmup, repeats, min_sample_ms=0.2)
+            nbytes.append(float(x.numel() * x.element_size()))
+            ms.append(t)
+            bar.update(1)
+        out[kind] = {"bytes": nbytes, "ms": ms}
+    ident = nn.Identity()
+    x = torch.randn(4, device=device, dtype=dtype)
+    t_mod, _ = measure_latency(ident, (x,), warmup, repeats, min_sample_ms=0.2)
+    t_fn, _ = measure_latency(lambda v: v, (x,), warmup, repeats, min_sample_ms=0.2)
+    out["module_call"] = {"bytes": [0.0], "ms": [max(t_mod - t_fn, 0.0)]}
+    bar.update(1)
+    bar.close()
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# LatencyTable
+# ----------------------------------------------------------------------------------------------
+
+Timer = Callable[[LayerSig, int, int], float]
+
+
+class LatencyTable:
+    """Measured latency (ms) per layer signature as a function of ``(c_in, c_out)``.
+
+    Build with :meth:`measure` (or :meth:`cached`), query with :meth:`lookup` /
+    :meth:`lookup_grid` and :meth:`overhead`, persist with :meth:`save` / :meth:`load`. The
+    ``key`` (device name, torch version, thread count, dtype) says where the numbers hold.
+    """
+
+    def __init__(self, key: Mapping, round_to: int = 8):
+        self.key = dict(key)
+        self.round_to = int(round_to)
+        self.tables: dict[LayerSig, _SigTable] = {}
+        self.overheads: dict[str, dict[str, list[float]]] = {}
+
+    # -- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def measure(
+        cls,
+        sigs_with_max_channels: Any,
+        round_to: int = 8,
+        device: Any = None,
+        threads: int | None = None,
+        repeats: int = 7,
+        warmup: int = 2,
+        progress: bool = True,
+        strategy: str = "auto",
+        coarse: int = 9,
+        full_max_points: int = 160,
+        overheads: bool = True,
+        timer: Timer | None = None,
+    ) -> LatencyTable:
+        """Measure a new table.
+
+        ``sigs_with_max_channels``: ``{sig: (c_in_max, c_out_max)}`` or a list of
+        ``(sig, c_in_max, c_out_max)``; identical signatures are measured once (on the union of
+        their ranges). ``strategy``: ``"full"`` (every step-``round_to`` point), ``"separable"``
+        (coarse ``coarse``×``coarse`` grid + fine staircase per axis, see the module doc) or
+        ``"auto"`` (full when it has at most ``full_max_points`` points). ``device`` defaults to
+        the signatures' device; ``threads`` to the current thread count. ``timer(sig, c_in,
+        c_out) -> ms`` replaces the real measurement (tests). ``overheads`` also measures the
+        op-overhead curves.
+        """
+        merged = _merge_requests(sigs_with_max_channels)
+        device = _table_device(merged, device)
+        dtype = _table_dtype(merged)
+        threads = int(threads or torch.get_num_threads())
+        table = cls(device_key(device, threads, dtype), round_to)
+        table.add(
+            merged,
+            device=device,
+            repeats=repeats,
+            warmup=warmup,
+            progress=progress,
+            strategy=strategy,
+            coarse=coarse,
+            full_max_points=full_max_points,
+            timer=timer,
+        )
+        if overheads:
+            table.measure_overheads(device=device, progress=progress)
+        return table
+
+    def add(
+        self,
+        sigs_with_max_channels: Any,
+        device: Any = None,
+        repeats: int = 7,
+        warmup: int = 2,
+        progress: bool = True,
+        strategy: str = "auto",
+        coarse: int = 9,
+        full_max_points: int = 160,
+        timer: Timer | None = None,
+    ) -> int:
+        """Measure the signatures this table does not cover yet (or covers on a smaller range)
+        under this table's thread count; returns how many signatures were measured."""
+        merged = _merge_requests(sigs_with_max_channels)
+        todo = {s: m for s, m in merged.items() if not self._covers_range(s, *m)}
+        if not todo:
+            return 0
+        for sig, (ci, co) in todo.items():
+            old = self.tables.get(sig)
+            if old is not None:
+                todo[sig] = (max(ci, old.c_in_max), max(co, old.c_out_max))
+        self._check_dtype(todo)
+        device = torch.device(device if device is not None else _table_device(todo, None))
+        plans = {
+            s: _plan_sig(s, ci, co, self.round_to, strategy, coarse, full_max_points)
+            for s, (ci, co) in todo.items()
+        }
+        total = sum(len(p[-1]) for p in plans.values())
+        bar = _progress(total, "latency table", progress)
+        with num_threads(self.key["threads"]):
+            for sig, plan in plans.items():
+                t0 = time.perf_counter()
+                values = _measure_points(sig, plan[-1], device, timer, warmup, repeats, bar)
+                self.tables[sig] = _assemble(sig, plan, values, time.perf_counter() - t0)
+        bar.close()
+        return len(todo)
+
+    def measure_overheads(
+        self,
+        device: Any = None,
+        max_numel: int = 2**23,
+        repeats: int = 7,
+        warmup: int = 2,
+        progress: bool = True,
+    ) -> None:
+        """Measure ms-vs-bytes curves of elementwise / norm / pooling ops (:data:`OVERHEAD_KINDS`)
+        on sizes 2**10 .. ``max_numel`` elements, once per device."""
+        device = torch.device(device if device is not None else "cpu")
+        dtype = getattr(torch, self.key["dtype"])
+        with num_threads(self.key["threads"]):
+            self.overheads = _measure_overheads(device, dtype, max_numel, warmup, repeats, progress)
+
+    @classmethod
+    def cached(
+        cls,
+        sigs_with_max_channels: Any,
+        device: Any = None,
+        threads: int | None = None,
+        **measure_kwargs: Any,
+    ) -> LatencyTable:
+        """Load the cached table of this device key from :func:`cache_dir`, measure what it
+        lacks, save it back and return it."""
+        merged = _merge_requests(sigs_with_max_channels)
+        device = _table_device(merged, device)
+        key = device_key(device, threads or torch.get_num_threads(), _table_dtype(merged))
+        path = _cache_path(key)
+        if path.exists():
+            table = cls.load(path, expect=key)
+            overheads = measure_kwargs.pop("overheads", True)
+            measure_kwargs.pop("round_to", None)
+            n = table.add(merged, device=device, **measure_kwargs)
+            if overheads and not table.overheads:
+                table.measure_overheads(device, progress=measure_kwargs.get("progress", True))
+                n += 1
+            if n:
+                table.save(path)
+            return table
+        table = cls.measure(merged, device=device, threads=key["threads"], **measure_kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+        return table
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def __contains__(self, sig: LayerSig) -> bool:
+        return sig in self.tables
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    @property
+    def sigs(self) -> list[LayerSig]:
+        """The measured signatures."""
+        return list(self.tables)
+
+    def covers(self, sig: LayerSig, c_in: int, c_out: int) -> bool:
+        """Whether ``lookup(sig, c_in, c_out)`` is inside the measured range."""
+        return self._covers_range(sig, c_in, c_out)
+
+    def _covers_range(self, sig: LayerSig, c_in: int, c_out: int) -> bool:
+        t = self.tables.get(sig)
+        return t is not None and c_in <= t.c_in_max and c_out <= t.c_out_max
+
+    def lookup(self, sig: LayerSig, c_in: int, c_out: int) -> float:
+        """Interpolated median latency (ms) of ``sig`` at ``(c_in, c_out)``. Counts below the
+        smallest grid point read the smallest; counts above the measured range raise."""
+        return float(self.lookup_grid(sig, [c_in], [c_out])[0, 0])
+
+    def lookup_grid(
+        self,
+        sig: LayerSig,
+        c_in_values: Sequence[int],
+        c_out_values: Sequence[int],
+        correct: bool = True,
+    ) -> np.ndarray:
+        """Latency matrix ``[len(c_in_values), len(c_out_values)]`` (ms), vectorised.
+        ``correct=False`` drops the staircase correction of separable tables (coarse grid only)."""
+        t = self.tables.get(sig)
+        if t is None:
+            raise KeyError(f"latency table has no signature {sig.short()} ({sig})")
+        ci = np.asarray(c_in_values, dtype=float).reshape(-1, 1)
+        co = np.asarray(c_out_values, dtype=float).reshape(1, -1)
+        if ci.size and (ci.max() > t.c_in_max or ci.min() < 1):
+            raise ValueError(f"{sig.short()}: c_in outside measured range 1..{t.c_in_max}")
+        if t.mode != "diag" and co.size and (co.max() > t.c_out_max or co.min() < 1):
+            raise ValueError(f"{sig.short()}: c_out outside measured range 1..{t.c_out_max}")
+        if t.mode == "diag":
+            return np.broadcast_to(t.predict(ci, None, correct), (ci.shape[0], co.shape[1])).copy()
+        return t.predict(ci, co, correct)
+
+    def overhead(self, kind: str, nbytes: float) -> float:
+        """Latency (ms) of an op of ``kind`` (see :data:`OVERHEAD_KINDS`) touching ``nbytes``
+        bytes of input: piecewise linear in bytes between measured sizes, extrapolated linearly
+        above them."""
+        curve = self.overheads.get(kind)
+        if curve is None:
+            raise KeyError(f"no op overhead {kind!r}; measured: {sorted(self.overheads)}")
+        xs, ys = curve["bytes"], curve["ms"]
+        if len(xs) == 1 or nbytes <= xs[-1]:
+            return float(np.interp(nbytes, xs, ys))
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return float(ys[-1] + slope * (nbytes - xs[-1]))
+
+    def describe(self, sig: LayerSig) -> dict:
+        """Mode, axis lengths, measured point count and seconds of one signature's table."""
+        t = self.tables[sig]
+        return {
+            "mode": t.mode,
+            "c_in_max": t.c_in_max,
+            "c_out_max": t.c_out_max,
+            "coarse": (len(t.coarse_in), len(t.coarse_out)),
+            "points": t.points,
+            "seconds": t.seconds,
+        }
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "key": self.key,
+            "round_to": self.round_to,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tables": [t.to_dict() for t in self.tables.values()],
+            "overheads": self.overheads,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table as JSON (header ``key`` first)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        expect: Mapping | str | None = "current",
+        on_mismatch: str = "raise",
+    ) -> LatencyTable:
+        """Read a table saved by :meth:`save` and check its key.
+
+        ``expect``: ``"current"`` compares device name and torch version with this machine and
+        the thread count with ``torch.get_num_threads()``; a dict compares the fields it names;
+        ``None`` skips the check. ``on_mismatch``: ``"raise"`` (:class:`LatencyTableMismatch`),
+        ``"warn"`` or ``"ignore"``.
+        """
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != _FORMAT:
+            raise ValueError(
+                f"{path}: not a graphprune latency table (format {data.get('format')})"
+            )
+        table = cls(data["key"], data.get("round_to", 8))
+        for d in data["tables"]:
+            t = _SigTable.from_dict(d)
+            table.tables[t.sig] = t
+        table.overheads = {
+            k: {"bytes": list(v["bytes"]), "ms": list(v["ms"])}
+            for k, v in data.get("overheads", {}).items()
+        }
+        table.check_key(expect, on_mismatch, source=str(path))
+        return table
+
+    def check_key(
+        self,
+        expect: Mapping | str | None = "current",
+        on_mismatch: str = "raise",
+        source: str = "latency table",
+    ) -> list[str]:
+        """Compare this table's key with ``expect`` (see :meth:`load`); returns the differences."""
+        if expect is None:
+            return []
+        if expect == "current":
+            dev = self.sigs[0].device if self.tables else "cpu"
+            expect = device_key(dev, torch.get_num_threads(), self.key.get("dtype", "float32"))
+            expect.pop("dtype")
+        diffs = [
+            f"{k}: table {self.key.get(k)!r} vs expected {v!r}"
+            for k, v in expect.items()
+            if self.key.get(k) != v
+        ]
+        if diffs and on_mismatch != "ignore":
+            msg = f"{source} was measured under another key: " + "; ".join(diffs)
+            if on_mismatch == "raise":
+                raise LatencyTableMismatch(msg + " (load with on_mismatch='warn' to use it anyway)")
+            warnings.warn(msg, stacklevel=3)
+        return diffs
+
+    def _check_dtype(self, sigs: Iterable[LayerSig]) -> None:
+        bad = [s for s in sigs if s.dtype != self.key["dtype"]]
+        if bad:
+            raise ValueError(f"table dtype is {self.key['dtype']}; got {bad[0].dtype} signatures")
+
+
+def _table_device(sigs: Iterable[LayerSig], device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    devices = {torch.device(s.device) for s in sigs}
+    if len(devices) > 1:
+        raise ValueError(f"signatures span several devices {sorted(map(str, devices))}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _table_dtype(sigs: Iterable[LayerSig]) -> str:
+    dtypes = {s.dtype for s in sigs}
+    if len(dtypes) > 1:
+        raise ValueError(f"one table holds one dtype; got {sorted(dtypes)}")
+    return dtypes.pop() if dtypes else "float32"
+
+
+def _measure_points(
+    sig: LayerSig,
+    points: Sequence[tuple[int, int]],
+    device: torch.device,
+    timer: Timer | None,
+    warmup: int,
+    repeats: int,
+    bar: Any,
+) -> dict[tuple[int, int], float]:
+    """Median latency at each point, visited in a fixed random order (decorrelates drift from
+    the staircase)."""
+    order = list(points)
+    random.Random(0).shuffle(order)
+    arena = _Arena(device, getattr(torch, sig.dtype)) if timer is None else None
+    values = {}
+    for ci, co in order:
+        if timer is not None:
+            values[(ci, co)] = float(timer(sig, ci, co))
+        else:
+            fn, args = layer_op(sig, ci, co, device, arena)
+            values[(ci, co)] = measure_latency(fn, args, warmup, repeats, min_sample_ms=0.2)[0]
+        bar.update(1)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-model composition
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostItem:
+    """One node of a model's cost: a table layer (``kind == "layer"``), an op overhead, ``"free"``
+    (views) or ``"unknown"``."""
+
+    name: str
+    kind: str
+    sig: LayerSig | None = None
+    c_in: int = 0
+    c_out: int = 0
+    nbytes: int = 0
+    ms: float = 0.0
+
+
+_MODULE_KINDS: list[tuple[type, str]] = [
+    (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+    (nn.LayerNorm, "layer_norm"),
+    (nn.GroupNorm, "layer_norm"),
+    (nn.ReLU, "relu"),
+    (nn.ReLU6, "relu"),
+    (nn.LeakyReLU, "relu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Hardsigmoid, "hardswish"),
+    (nn.Hardswish, "hardswish"),
+    (nn.Softmax, "softmax"),
+    (nn.MaxPool2d, "max_pool2d"),
+    (nn.AvgPool2d, "avg_pool2d"),
+    (nn.AdaptiveAvgPool2d, "avg_pool2d"),
+    (nn.Identity, "free"),
+    (nn.Dropout, "free"),
+    (nn.Flatten, "free"),
+]
+
+_FUNCTION_KINDS: dict[Any, str] = {
+    operator.add: "add",
+    torch.add: "add",
+    operator.iadd: "add_",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.imul: "mul",
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    torch.sigmoid: "sigmoid",
+    F.hardswish: "hardswish",
+    torch.softmax: "softmax",
+    F.softmax: "softmax",
+    F.layer_norm: "layer_norm",
+    F.batch_norm: "batch_norm",
+    F.max_pool2d: "max_pool2d",
+    F.adaptive_avg_pool2d: "avg_pool2d",
+    torch.cat: "cat",
+    torch.flatten: "free",
+    torch.reshape: "free",
+    operator.getitem: "free",
+    getattr: "free",
+    torch.permute: "free",
+    torch.transpose: "free",
+}
+
+_METHOD_KINDS: dict[str, str] = {
+    "add": "add",
+    "add_": "add_",
+    "mul": "mul",
+    "mul_": "add_",
+    "relu": "relu",
+    "relu_": "relu_",
+    "sigmoid": "sigmoid",
+    "softmax": "softmax",
+    "mean": "avg_pool2d",
+    "contiguous": "copy",
+    "view": "free",
+    "reshape": "free",
+    "flatten": "free",
+    "size": "free",
+    "permute": "free",
+    "transpose": "free",
+    "chunk": "free",
+    "split": "free",
+    "unsqueeze": "free",
+    "squeeze": "free",
+    "dim": "free",
+    "expand": "free",
+}
+
+
+def _node_nbytes(node: Any) -> int:
+    """Bytes of a node's first tensor input (``cat``: all of them)."""
+    from torch.fx import Node
+
+    def size(n):
+        meta = n.meta.get("tensor_meta") if isinstance(n, Node) else None
+        if meta is None or not hasattr(meta, "shape"):
+            return 0
+        return math.prod(meta.shape) * _itemsize(str(meta.dtype).removeprefix("torch."))
+
+    args = node.args[0] if node.target is torch.cat else node.args
+    sizes = [size(a) for a in args if isinstance(a, Node)]
+    if node.target is torch.cat:
+        return sum(sizes)
+    return next((s for s in sizes if s), 0)
+
+
+def _node_item(gm: Any, node: Any) -> CostItem | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        try:
+            shape = node.args[0].meta["tensor_meta"].shape
+            sig, ci, co = sig_from_module(mod, shape)
+            return CostItem(node.name, "layer", sig, ci, co)
+        except TypeError:
+            pass
+        kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), "unknown")
+        if kind == "relu" and getattr(mod, "inplace", False):
+            kind = "relu_"
+        return CostItem(node.name, kind, nbytes=_node_nbytes(node))
+    if node.op == "call_function":
+        kind = _FUNCTION_KINDS.get(node.target, "unknown")
+        if kind == "relu" and node.kwargs.get("inplace"):
+            kind = "relu_"
+        return CostItem(node.name, kind, nbytes=_node_nbytes(node))
+    if node.op == "call_method":
+        return CostItem(
+            node.name, _METHOD_KINDS.get(node.target, "unknown"), nbytes=_node_nbytes(node)
+        )
+    return None
+
+
+def model_cost_items(model: nn.Module, example_inputs: Any) -> list[CostItem]:
+    """Trace ``model`` with ``torch.fx`` (a GraphModule is used as is), propagate shapes on the
+    example inputs and list one :class:`CostItem` per call node: conv / linear modules become
+    table layers with their :class:`LayerSig`, other ops an overhead kind."""
+    from torch.fx import GraphModule, symbolic_trace
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = model if isinstance(model, GraphModule) else symbolic_trace(model)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+    items = [_node_item(gm, n) for n in gm.graph.nodes]
+    return [it for it in items if it is not None]
+
+
+def estimate_model_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    table: LatencyTable,
+    module_calls: bool = True,
+) -> tuple[float, list[CostItem]]:
+    """Predicted latency (ms) of ``model`` on ``example_inputs``: table lookups for conv /
+    linear layers plus op overheads (plus a per-``nn.Module``-call constant when
+    ``module_calls``). Returns the total and the itemised list; ``"unknown"`` items cost 0 and
+    are listed so the caller can see what the estimate missed. Missing layers raise ``KeyError``."""
+    items = model_cost_items(model, example_inputs)
+    per_call = table.overhead("module_call", 0) if module_calls and table.overheads else 0.0
+    for it in items:
+        if it.kind == "layer":
+            it.ms = table.lookup(it.sig, it.c_in, it.c_out)
+        elif it.kind not in ("free", "unknown") and table.overheads:
+            it.ms = table.overhead(it.kind, it.nbytes)
+    total = sum(it.ms for it in items)
+    if per_call:
+        total += per_call * _count_module_calls(model, example_inputs)
+    return total, items
+
+
+def _count_module_calls(model: nn.Module, example_inputs: Any) -> int:
+    """Number of ``nn.Module.__call__``s in one forward (hooks on every submodule)."""
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()]
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return count[0]

@@ -1,0 +1,587 @@
+"""Uniform 1xN block-sparse conv2d / linear for CPU: custom ops, modules and a reference path.
+
+Packed weight layout (what the C++ kernel reads, see ``onexn.cpp``):
+
+* ``values``  ``[K/N, kept, R*S*N]`` float32: element ``(g, j, (r*S + s)*N + n)`` is
+  ``weight[g*N + n, indices[g, j], r, s]``;
+* ``indices`` ``[K/N, kept]`` int32, the input channels kept by output group g, sorted.
+
+``torch.ops.graphprune.conv2d_1xn`` and ``torch.ops.graphprune.linear_1xn`` run the OpenMP C++
+kernel (AVX-512 or AVX2, chosen at run time, ``torch.get_num_threads()`` threads) when it builds,
+else a pure-PyTorch reference that gives the same numbers. The extension is JIT-built with
+``torch.utils.cpp_extension.load`` on first use and cached; a failed build warns once and falls
+back. ``GRAPHPRUNE_NO_CPP=1`` or ``use_reference()`` force the reference path.
+
+Conv input is NCHW float32 (any stride/padding/dilation, batch >= 1); a channels_last input is
+read without a layout copy where possible and gives a channels_last output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .masks import is_1xn, mask_1xn
+
+__all__ = [
+    "available",
+    "use_reference",
+    "use_isa",
+    "isa",
+    "pack_1xn",
+    "unpack_1xn",
+    "conv2d_1xn_reference",
+    "linear_1xn_reference",
+    "conv2d_1xn",
+    "linear_1xn",
+    "Conv2d1xN",
+    "Linear1xN",
+    "time_ms",
+    "faster_than_dense",
+]
+
+_SRC = Path(__file__).with_name("onexn.cpp")
+
+
+class _Ext:
+    """Lazily built C++ extension (one per process); ``module`` is None when unavailable."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tried = False
+        self.module = None
+        self.force_reference = 0
+
+
+_EXT = _Ext()
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU flags, so a cache built for another CPU is not reused."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=f"graphprune_onexn_{_cpu_tag()}",
+        sources=[str(_SRC)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def _ext():
+    """The loaded extension, building it once; None (with one warning) when it cannot build."""
+    if os.environ.get("GRAPHPRUNE_NO_CPP", "") not in ("", "0"):
+        return None
+    if not _EXT.tried:
+        with _EXT.lock:
+            if not _EXT.tried:
+                try:
+                    mod = _build()
+                    if mod.get_isa() == "none":
+                        raise RuntimeError("CPU lacks AVX2/FMA")
+                    _EXT.module = mod
+                except Exception as e:  # noqa: BLE001 - any build failure means fall back
+                    warnings.warn(
+                        f"graphprune: 1xN C++ kernel unavailable ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
+                        "using the slower PyTorch reference path",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                _EXT.tried = True
+    return _EXT.module
+
+
+def available() -> bool:
+    """True when the C++ kernel is built and usable (builds it on first call)."""
+    return _ext() is not None
+
+
+@contextlib.contextmanager
+def use_reference() -> Iterator[None]:
+    """Within this block the 1xN ops run the pure-PyTorch reference path."""
+    with _EXT.lock:
+        _EXT.force_reference += 1
+    try:
+        yield
+    finally:
+        with _EXT.lock:
+            _EXT.force_reference -= 1
+
+
+def isa() -> str:
+    """Instruction set the C++ kernel uses ('avx512', 'avx2'), or 'reference'."""
+    mod = _ext()
+    return mod.get_isa() if mod is not None else "reference"
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Within this block the C++ kernel uses ISA ``name`` ('avx512', 'avx2' or 'auto')."""
+    mod = _ext()
+    if mod is None:
+        raise RuntimeError("graphprune: the 1xN C++ kernel is not available")
+    old = mod.get_isa()
+    mod.set_isa(name)
+    try:
+        yield
+    finally:
+        mod.set_isa(old)
+
+
+def _cpp_for(x: Tensor, *tensors: Tensor | None):
+    """The extension if it should run on these tensors, else None."""
+    if _EXT.force_reference:
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
+        return None
+    return _ext()
+
+
+# ---------------------------------------------------------------- packing
+
+
+def _num_groups(weight_k: int, n: int) -> int:
+    if n < 1 or weight_k % n != 0:
+        raise ValueError(f"1xN: output channels K={weight_k} are not divisible by N={n}")
+    return weight_k // n
+
+
+def pack_1xn(weight: Tensor, indices: Tensor, n: int) -> Tensor:
+    """Gather the kept blocks of a dense ``[K, C(, R, S)]`` weight into ``[K/N, kept, R*S*N]``."""
+    k, c = weight.shape[:2]
+    g = _num_groups(k, n)
+    kept = indices.shape[1]
+    w = weight.reshape(g, n, c, -1)
+    taps = w.shape[3]
+    idx = indices.long()[:, None, :, None].expand(g, n, kept, taps)
+    v = torch.gather(w, 2, idx)  # [G, N, kept, taps]
+    return v.permute(0, 2, 3, 1).reshape(g, kept, taps * n).contiguous()
+
+
+def unpack_1xn(
+    values: Tensor, indices: Tensor, n: int, in_channels: int, kernel_size: Sequence[int] = ()
+) -> Tensor:
+    """Dense weight ``[K, C, *kernel_size]`` with the packed blocks in place and zeros elsewhere."""
+    g, kept, tn = values.shape
+    taps = tn // n
+    v = values.reshape(g, kept, taps, n).permute(0, 3, 1, 2)  # [G, N, kept, taps]
+    idx = indices.long()[:, None, :, None].expand(g, n, kept, taps)
+    w = values.new_zeros(g, n, in_channels, taps).scatter(2, idx, v)
+    return w.reshape(g * n, in_channels, *kernel_size)
+
+
+# ---------------------------------------------------------------- reference path
+
+
+def _channels_last(x: Tensor) -> bool:
+    """True when x is channels_last in memory (and not also plain contiguous)."""
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _like_input(y: Tensor, x: Tensor) -> Tensor:
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def conv2d_1xn_reference(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    n: int,
+    kernel_size: Sequence[int],
+) -> Tensor:
+    """Pure-PyTorch 1xN conv2d: dense conv with the unpacked weight (same memory format as x)."""
+    w = unpack_1xn(values, indices, n, x.shape[1], kernel_size).to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    y = F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation))
+    return _like_input(y, x)
+
+
+def linear_1xn_reference(
+    x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int
+) -> Tensor:
+    """Pure-PyTorch 1xN linear: ``F.linear`` with the unpacked weight."""
+    w = unpack_1xn(values, indices, n, x.shape[-1]).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+def _out_size(size, k: int, s: int, p: int, d: int):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _check_conv_args(x: Tensor, values: Tensor, n: int, kernel_size: Sequence[int]) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"graphprune::conv2d_1xn: x must be [B, C, H, W], got {tuple(x.shape)}")
+    if values.dim() != 3 or values.shape[2] != n * kernel_size[0] * kernel_size[1]:
+        raise ValueError(
+            f"graphprune::conv2d_1xn: values must be [K/N, kept, R*S*N] with R*S*N = "
+            f"{n * kernel_size[0] * kernel_size[1]}, got {tuple(values.shape)}"
+        )
+
+
+@torch.library.custom_op("graphprune::conv2d_1xn", mutates_args=())
+def conv2d_1xn(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    n: int,
+    kernel_size: Sequence[int],
+) -> Tensor:
+    """1xN block-sparse conv2d (see module docstring for the weight layout)."""
+    _check_conv_args(x, values, n, kernel_size)
+    mod = _cpp_for(x, values, bias)
+    if mod is None:
+        return conv2d_1xn_reference(
+            x, values, indices, bias, stride, padding, dilation, n, kernel_size
+        )
+    return mod.conv2d_1xn(
+        x,
+        values.contiguous(),
+        indices.to(torch.int32).contiguous(),
+        None if bias is None else bias.contiguous(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        n, kernel_size[0], kernel_size[1],
+    )  # fmt: skip
+
+
+@conv2d_1xn.register_fake
+def _conv2d_1xn_fake(x, values, indices, bias, stride, padding, dilation, n, kernel_size):
+    _check_conv_args(x, values, n, kernel_size)
+    ho = _out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    shape = (x.shape[0], values.shape[0] * n, ho, wo)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("graphprune::linear_1xn", mutates_args=())
+def linear_1xn(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """1xN block-sparse linear over the last dim of x: ``[*, C] -> [*, K]``."""
+    mod = _cpp_for(x, values, bias)
+    if mod is None:
+        return linear_1xn_reference(x, values, indices, bias, n)
+    lead = x.shape[:-1]
+    y = mod.linear_1xn(
+        x.reshape(-1, x.shape[-1]),
+        values.contiguous(),
+        indices.to(torch.int32).contiguous(),
+        None if bias is None else bias.contiguous(),
+        n,
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
+@linear_1xn.register_fake
+def _linear_1xn_fake(x, values, indices, bias, n):
+    return x.new_empty((*x.shape[:-1], values.shape[0] * n))
+
+
+def _conv_backward(ctx, grad: Tensor):
+    x, values, indices = ctx.saved_tensors
+    a = ctx.args
+    w = unpack_1xn(values, indices, a["n"], x.shape[1], a["kernel_size"])
+    conv = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.nn.grad.conv2d_input(x.shape, w, grad, **conv)
+    if ctx.needs_input_grad[1]:
+        gw = torch.nn.grad.conv2d_weight(x, w.shape, grad, **conv)
+        gv = pack_1xn(gw, indices, a["n"])
+    if ctx.needs_input_grad[3]:
+        gb = grad.sum(dim=(0, 2, 3))
+    return gx, gv, None, gb, None, None, None, None, None
+
+
+def _conv_setup(ctx, inputs, output):
+    x, values, indices, _bias, stride, padding, dilation, n, kernel_size = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.args = dict(
+        stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), n=n,
+        kernel_size=tuple(kernel_size),
+    )  # fmt: skip
+
+
+def _linear_backward(ctx, grad: Tensor):
+    x, values, indices = ctx.saved_tensors
+    n = ctx.n
+    w = unpack_1xn(values, indices, n, x.shape[-1])
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad @ w
+    if ctx.needs_input_grad[1]:
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gv = pack_1xn(g2.t() @ x.reshape(-1, x.shape[-1]), indices, n)
+    if ctx.needs_input_grad[3]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
+    return gx, gv, None, gb, None
+
+
+def _linear_setup(ctx, inputs, output):
+    x, values, indices, _bias, n = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.n = n
+
+
+conv2d_1xn.register_autograd(_conv_backward, setup_context=_conv_setup)
+linear_1xn.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------- modules
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _explicit_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """Turn 'valid' / 'same' / ints into symmetric integer padding (error if impossible)."""
+    p = module.padding
+    if p == "valid":
+        return (0, 0)
+    if p == "same":
+        tot = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        if any(t % 2 for t in tot) or module.stride != (1, 1):
+            raise ValueError(
+                f"Conv2d1xN: padding='same' with kernel {module.kernel_size}, dilation "
+                f"{module.dilation}, stride {module.stride} needs asymmetric padding"
+            )
+        return (tot[0] // 2, tot[1] // 2)
+    return _pair(p)
+
+
+def _block_indices(mask: Tensor, n: int, what: str) -> Tensor:
+    """[K/N, kept] int32 kept input channels of every group of a uniform 1xN mask."""
+    if not is_1xn(mask, n):
+        raise ValueError(
+            f"{what}: mask is not a uniform 1x{n} pattern (every block of {n} outputs x 1 input "
+            f"must be all kept or all pruned, with the same kept count per group); "
+            f"build it with graphprune.kernels.masks.mask_1xn"
+        )
+    k, c = mask.shape[:2]
+    block = mask.reshape(k // n, n, c, -1)[:, 0, :, 0]
+    kept = int(block[0].sum()) if block.shape[0] else 0
+    idx = torch.nonzero(block, as_tuple=False)[:, 1].reshape(k // n, kept)
+    return idx.to(torch.int32).contiguous()
+
+
+class Conv2d1xN(nn.Module):
+    """Conv2d whose weight is uniform 1xN block-sparse; forward runs ``graphprune::conv2d_1xn``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        n: int,
+        kept: int,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        g = _num_groups(out_channels, n)
+        self.in_channels, self.out_channels, self.n = in_channels, out_channels, n
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.values = nn.Parameter(torch.zeros(g, kept, taps * n, dtype=dtype))
+        self.register_buffer("indices", torch.arange(kept, dtype=torch.int32).repeat(g, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype)) if bias else None
+
+    @property
+    def kept(self) -> int:
+        """Input channels kept per group of N outputs."""
+        return self.values.shape[1]
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask: Tensor, n: int) -> Conv2d1xN:
+        """Pack ``module.weight`` under a uniform 1xN ``mask`` (from ``mask_1xn``)."""
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(
+                f"Conv2d1xN.from_dense: only groups=1 and padding_mode='zeros' are supported, "
+                f"got groups={module.groups}, padding_mode={module.padding_mode!r}"
+            )
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"Conv2d1xN.from_dense: mask shape {tuple(mask.shape)} != weight shape "
+                f"{tuple(module.weight.shape)}"
+            )
+        idx = _block_indices(mask, n, "Conv2d1xN.from_dense")
+        w = module.weight.detach()
+        new = cls(
+            module.in_channels, module.out_channels, module.kernel_size, n, idx.shape[1],
+            module.stride, _explicit_padding(module), module.dilation,
+            bias=module.bias is not None, dtype=w.dtype,
+        )  # fmt: skip
+        new.to(w.device)
+        with torch.no_grad():
+            new.indices.copy_(idx)
+            new.values.copy_(pack_1xn(w, idx, n))
+            if module.bias is not None:
+                new.bias.copy_(module.bias.detach())
+        return new
+
+    def to_dense(self) -> Tensor:
+        """The equivalent masked dense weight ``[K, C, R, S]``."""
+        return unpack_1xn(
+            self.values.detach(), self.indices, self.n, self.in_channels, self.kernel_size
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.graphprune.conv2d_1xn(
+            x, self.values, self.indices, self.bias, list(self.stride), list(self.padding),
+            list(self.dilation), self.n, list(self.kernel_size),
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"n={self.n}, kept={self.kept}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, bias={self.bias is not None}"
+        )
+
+
+class Linear1xN(nn.Module):
+    """Linear whose weight is uniform 1xN block-sparse; forward runs ``graphprune::linear_1xn``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int,
+        kept: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        g = _num_groups(out_features, n)
+        self.in_features, self.out_features, self.n = in_features, out_features, n
+        self.values = nn.Parameter(torch.zeros(g, kept, n, dtype=dtype))
+        self.register_buffer("indices", torch.arange(kept, dtype=torch.int32).repeat(g, 1))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @property
+    def kept(self) -> int:
+        """Input features kept per group of N outputs."""
+        return self.values.shape[1]
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask: Tensor, n: int) -> Linear1xN:
+        """Pack ``module.weight`` under a uniform 1xN ``mask`` (from ``mask_1xn``)."""
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"Linear1xN.from_dense: mask shape {tuple(mask.shape)} != weight shape "
+                f"{tuple(module.weight.shape)}"
+            )
+        idx = _block_indices(mask, n, "Linear1xN.from_dense")
+        w = module.weight.detach()
+        new = cls(
+            module.in_features, module.out_features, n, idx.shape[1],
+            bias=module.bias is not None, dtype=w.dtype,
+        )  # fmt: skip
+        new.to(w.device)
+        with torch.no_grad():
+            new.indices.copy_(idx)
+            new.values.copy_(pack_1xn(w, idx, n))
+            if module.bias is not None:
+                new.bias.copy_(module.bias.detach())
+        return new
+
+    def to_dense(self) -> Tensor:
+        """The equivalent masked dense weight ``[K, C]``."""
+        return unpack_1xn(self.values.detach(), self.indices, self.n, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.graphprune.linear_1xn(x, self.values, self.indices, self.bias, self.n)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, "
+            f"kept={self.kept}, bias={self.bias is not None}"
+        )
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
+    """Median wall time of ``fn()`` in milliseconds after ``warmup`` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def faster_than_dense(
+    module: nn.Conv2d | nn.Linear,
+    x_shape: Sequence[int],
+    n: int,
+    sparsity: float,
+    *,
+    threads: int | None = None,
+    margin: float = 1.0,
+    repeats: int = 15,
+) -> tuple[bool, float, float]:
+    """Time ``module`` dense vs as 1xN at ``sparsity`` on a random input of ``x_shape``.
+
+    Returns ``(sparse_ms * margin < dense_ms, sparse_ms, dense_ms)``; dense runs the module as
+    is (NCHW input). ``threads`` (default: current) is set for both timings and restored.
+    A sparsify pass can keep a layer dense when this is False.
+    """
+    mask = mask_1xn(module.weight, n, sparsity)
+    sparse = (Conv2d1xN if isinstance(module, nn.Conv2d) else Linear1xN).from_dense(module, mask, n)
+    x = torch.randn(*x_shape, dtype=module.weight.dtype, device=module.weight.device)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        dense_ms = time_ms(lambda: module(x), repeats=repeats)
+        sparse_ms = time_ms(lambda: sparse(x), repeats=repeats)
+    finally:
+        torch.set_num_threads(old)
+    return sparse_ms * margin < dense_ms, sparse_ms, dense_ms
