@@ -73,6 +73,26 @@ class Analysis:
     class_group: np.ndarray  # label -> group id (-1 for hidden groups)
     groups: tuple[ChannelGroup, ...]
     notes: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def segments(self) -> dict[int, list[tuple[list[int], str]]]:
+        """Per group: the local channel indices each parameter axis sees (computed once)."""
+        if "segments" not in self._cache:
+            local = np.zeros(len(self.class_group), np.int64)
+            for g in self.groups:
+                local[g.classes] = np.arange(g.size)
+            out: dict[int, list] = {}
+            for info in self.params.values():
+                for f in info.tmap.factors:
+                    labs = self.labels[f.ids.reshape(-1)]
+                    gid = int(self.class_group[labs[0]])
+                    if gid < 0:
+                        continue
+                    labs = labs[self.class_group[labs] == gid]
+                    seg = np.unique(local[labs]).tolist()
+                    out.setdefault(gid, []).append((seg, f"that {info.names[0]}[{f.axes[0]}]"))
+            self._cache["segments"] = out
+        return self._cache["segments"]
 
     @property
     def graph(self) -> fx.GraphModule:

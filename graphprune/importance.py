@@ -24,12 +24,9 @@ def param_tensor(a: Analysis, name: str) -> torch.Tensor:
     return obj
 
 
-def _axis_stat(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
-    x = t.detach().double().abs()
-    if p == 2:
-        x = x * x
-    dims = [d for d in range(t.ndim) if d != axis]
-    return (x.sum(dim=dims) if dims else x).cpu().numpy()
+def _axis_stat(x: torch.Tensor, axis: int) -> np.ndarray:
+    dims = [d for d in range(x.ndim) if d != axis]
+    return (x.sum(dim=dims) if dims else x).double().cpu().numpy()
 
 
 def per_class_param_stat(a: Analysis, p: int = 1, reduce: str = "sum",
@@ -45,6 +42,7 @@ def per_class_param_stat(a: Analysis, p: int = 1, reduce: str = "sum",
         t = param_tensor(a, info.names[0])
         if not torch.is_floating_point(t):
             continue
+        x = None
         for f in info.tmap.factors:
             ax = f.axes[0]
             if info.grouped_in is not None and ax == 1:
@@ -53,7 +51,12 @@ def per_class_param_stat(a: Analysis, p: int = 1, reduce: str = "sum",
             vis = a.class_group[lab] >= 0
             if not vis.any():
                 continue
-            v = _axis_stat(t, ax, p)
+            if x is None:
+                with torch.no_grad():
+                    x = t.detach().float().abs()
+                    if p == 2:
+                        x = x * x
+            v = _axis_stat(x, ax)
             np.add.at(acc, lab, v)
             np.add.at(cnt, lab, 1)
             np.maximum.at(mx, lab, v)

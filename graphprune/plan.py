@@ -168,17 +168,7 @@ def select_top(g: ChannelGroup, scores: np.ndarray, k_total: int) -> tuple[int, 
 
 def segments(a: Analysis, g: ChannelGroup) -> list[tuple[list[int], str]]:
     """Local index sets of the group that one parameter axis sees (a layer's input or output)."""
-    local = {int(c): i for i, c in enumerate(g.classes)}
-    out = []
-    for info in a.params.values():
-        for f in info.tmap.factors:
-            labs = a.labels[f.ids.reshape(-1)]
-            if a.class_group[labs[0]] != g.id:
-                continue
-            seg = sorted({local[int(x)] for x in labs if int(x) in local})
-            if seg:
-                out.append((seg, f"that {info.names[0]}[{f.axes[0]}]"))
-    return out
+    return a.segments().get(g.id, [])
 
 
 def repair_empty(a: Analysis, g: ChannelGroup, keep: tuple[int, ...], scores) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._pytree import tree_map
 
 from .errors import TraceError
 
@@ -103,14 +104,67 @@ def _fx_placeholder_values(gm: fx.GraphModule, model: nn.Module, args, kwargs) -
     return vals
 
 
+def _meta(x):
+    return torch.empty_like(x, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+class MetaProp(fx.Interpreter):
+    """Shapes on every node (node.meta['val']) by running the graph on the meta device.
+
+    Parameters are swapped for meta tensors with torch.func.functional_call, so nothing real is
+    computed or copied. Falls back to FakeTensorProp when an op has no meta kernel.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.by_prefix: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in gm.state_dict(keep_vars=True).items():
+            prefix, _, _ = k.rpartition(".")
+            self.by_prefix.setdefault(prefix, {})[k] = v
+
+    def _module_state(self, target: str) -> dict[str, torch.Tensor]:
+        out = {}
+        n = len(target) + 1
+        for prefix, d in self.by_prefix.items():
+            if prefix == target or prefix.startswith(target + "."):
+                for k, v in d.items():
+                    out[k[n:]] = torch.empty_like(v, device="meta")
+        return out
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        n.meta["val"] = out
+        return out
+
+    def get_attr(self, target, args, kwargs):
+        return tree_map(_meta, super().get_attr(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        return torch.func.functional_call(mod, self._module_state(target), args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        kwargs = dict(kwargs)
+        if "device" in kwargs and kwargs["device"] is not None:
+            kwargs["device"] = "meta"
+        return super().call_function(target, args, kwargs)
+
+
+def _shapes(gm: fx.GraphModule, vals) -> None:
+    with torch.no_grad():
+        try:
+            MetaProp(gm).run(*tree_map(_meta, vals))
+            return
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: use fake tensors
+            pass
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*vals)
+
+
 def _trace_fx(model, args, kwargs, leaf_modules) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    vals = _fx_placeholder_values(gm, model, args, kwargs)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with torch.no_grad():
-        FakeTensorProp(gm, mode).propagate(*vals)
+    _shapes(gm, _fx_placeholder_values(gm, model, args, kwargs))
     return gm
 
 

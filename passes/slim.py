@@ -19,7 +19,7 @@ from graphprune.errors import PlanError
 from graphprune.optable import lookup
 from graphprune.plan import Plan
 
-from ._common import Live, get_tensor, set_tensor
+from ._common import Live, get_tensor
 
 __all__ = ["slim"]
 
@@ -59,16 +59,19 @@ def slim(a: Analysis, plan: Plan, src: fx.GraphModule | None = None) -> fx.Graph
     graph) may be a converted copy of it, e.g. in float64."""
     alive = plan.alive(a)
     src = a.graph if src is None else src
-    gm = copy.deepcopy(src)
-    live = Live(a, alive, gm)
+    live = Live(a, alive, src)
+    memo: dict[int, object] = {}  # deepcopy maps each sliced tensor straight to its slice
     for info in a.params.values():
         t = get_tensor(src, info.names[0])
         new = _slice(live, t, info)
         if new is None:
             continue
-        new = new.contiguous().clone()
-        for name in info.names:
-            set_tensor(gm, name, new, get_tensor(gm, name))
+        new = new.contiguous()
+        if isinstance(t, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        memo[id(t)] = new
+    gm = copy.deepcopy(src, memo)
+    live.gm = gm
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
