@@ -1,6 +1,46 @@
-"""Tiny Hugging Face ``transformers`` models built from configs (random weights, nothing downloaded).
+"""Tiny Hugging Face ``transformers`` models built from configs (random weights, no downloads).
 
-__FINDINGS__
+Every factory in :data:`HF_ZOO` returns ``(model.eval(), inputs)`` where ``inputs`` is a tuple
+``(pixel_values,)`` for vision models (batch 2, 32x32; MobileViT 64x64) or a dict
+``{"input_ids", "attention_mask"}`` (int64, batch 2, seq 16, second row padded) for BERT; use
+:func:`split_inputs` / :func:`call` to run them and :func:`primary_output` to get ``logits`` /
+``last_hidden_state``. Models are tiny (hidden sizes 16-64, 1-2 layers/stages), forwards take
+milliseconds. Weights are re-drawn like :data:`graphprune.zoo.ZOO` (He/fan-in Linear init, random
+biases, BN statistics calibrated then perturbed, random norm affines) so numerical checks bite.
+A model class missing from the installed ``transformers`` is skipped; see :data:`HF_SKIPPED`.
+
+Findings with torch 2.13.0 / transformers 5.23.0 (checked by ``tests/test_zoo.py``): plain
+``torch.fx.symbolic_trace(model)`` fails on every one of them (``transformers.utils.fx``, HF's own
+tracer, no longer exists in v5), while ``torch.export.export(model, args, kwargs, strict=False)``
+succeeds and its module reproduces the eager output exactly (Swin: ~2e-7).
+
+============  ==========================================  =======  ===============================
+name          class (attention)                           params   ``fx.symbolic_trace`` raises
+============  ==========================================  =======  ===============================
+resnet        ResNetForImageClassification                 15,418  TraceError [1]
+resnet_model  ResNetModel                                  21,584  TraceError [1]
+convnext      ConvNextForImageClassification               16,346  TraceError [2]
+mobilenet_v2  MobileNetV2ForImageClassification           250,922  TypeError [3]
+regnet        RegNetForImageClassification                  7,890  TraceError [1]
+efficientnet  EfficientNetForImageClassification          126,822  TraceError [4]
+vit           ViTForImageClassification (eager)            24,234  TraceError [2]
+vit_sdpa      ViTForImageClassification (sdpa)             24,234  TraceError [2]
+swin          SwinForImageClassification                   22,270  TraceError [2]
+mobilevit     MobileViTForImageClassification             395,810  TraceError [4]
+bert          BertForSequenceClassification (eager)        24,515  ValueError [5]
+bert_model    BertModel (sdpa)                             50,176  TypeError [6]
+============  ==========================================  =======  ===============================
+
+torch.export.export(strict=False) succeeds for all twelve. Causes of the fx failures:
+[1] data-dependent ``if num_channels != self.num_channels`` in the embeddings;
+[2] "Proxy object cannot be iterated": the output-capturing decorator unpacks ``**kwargs``;
+[3] ``int(features.shape[-2])`` in ``apply_tf_padding`` (TF "SAME" padding);
+[4] ``if output_hidden_states`` on a traced value in the encoder;
+[5] "code: co_varnames is too small": fx cannot patch a forward taking ``**kwargs``;
+[6] "'Proxy' object does not support item assignment" in the kwargs-checking wrapper.
+
+``TraceError`` is ``torch.fx.proxy.TraceError``. :data:`FX_TRACE_FAILURE` records the expected
+exception type per model.
 """
 
 from __future__ import annotations
@@ -17,10 +57,23 @@ from graphprune.zoo import randomize_bn, randomize_weights
 __all__ = [
     "HF_ZOO",
     "HF_SKIPPED",
+    "FX_TRACE_FAILURE",
     "HFInputs",
     "split_inputs",
     "call",
     "primary_output",
+    "hf_resnet",
+    "hf_resnet_model",
+    "hf_convnext",
+    "hf_mobilenet_v2",
+    "hf_regnet",
+    "hf_efficientnet",
+    "hf_vit",
+    "hf_vit_sdpa",
+    "hf_swin",
+    "hf_mobilevit",
+    "hf_bert",
+    "hf_bert_model",
 ]
 
 HFInputs = tuple[Tensor, ...] | dict[str, Tensor]
@@ -59,11 +112,13 @@ def primary_output(output: Any) -> Tensor:
 
 
 def _images(batch: int = 2, size: int = 32, seed: int = 0) -> tuple[Tensor, ...]:
+    """Deterministic ``(pixel_values,)``."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 3, size, size, generator=g),)
 
 
 def _tokens(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0) -> dict[str, Tensor]:
+    """Deterministic BERT inputs: int64 ``input_ids`` and ``attention_mask`` (row 1 padded)."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, vocab, (batch, seq), generator=g, dtype=torch.int64)
     attention_mask = torch.ones(batch, seq, dtype=torch.int64)
@@ -304,6 +359,7 @@ _CANDIDATES: dict[str, tuple[str, HFFactory]] = {
 
 
 def _available(class_name: str) -> bool:
+    """Whether the installed ``transformers`` exports ``class_name``."""
     if _tf is None:
         return False
     try:
@@ -327,3 +383,19 @@ HF_SKIPPED: dict[str, str] = {
     if name not in HF_ZOO
 }
 """Models left out because the installed ``transformers`` lacks them (name -> reason)."""
+
+FX_TRACE_FAILURE: dict[str, str] = {
+    "resnet": "TraceError",
+    "resnet_model": "TraceError",
+    "convnext": "TraceError",
+    "mobilenet_v2": "TypeError",
+    "regnet": "TraceError",
+    "efficientnet": "TraceError",
+    "vit": "TraceError",
+    "vit_sdpa": "TraceError",
+    "swin": "TraceError",
+    "mobilevit": "TraceError",
+    "bert": "ValueError",
+    "bert_model": "TypeError",
+}
+"""Exception class ``torch.fx.symbolic_trace`` raises per model (torch 2.13, transformers 5.23)."""

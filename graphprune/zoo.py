@@ -1,4 +1,4 @@
-"""Architecture zoo: hand-written, real-world-style models that every pruning test and benchmark uses.
+"""Architecture zoo: hand-written, real-world-style models for every pruning test and benchmark.
 
 The models are written the way torchvision, timm and the reference repositories write them (in-place
 residual adds, ``torch.cat`` over feature lists, ``x.chunk`` channel splits, ``view``/``transpose``
@@ -9,16 +9,23 @@ the point is to exercise a pruner against the code people actually ship.
 Two registries:
 
 * :data:`ZOO` -- ``name -> factory() -> (small model in eval mode, example inputs)``. Small
-  widths/depths, 32x32 images (batch 2), deterministic weights, BatchNorm running statistics and
-  norm affines randomised with :func:`randomize_bn` so numerical equivalence tests are meaningful.
+  widths/depths, 32x32 images (batch 2; ``mlp`` takes (2, 64)), forwards of a few milliseconds.
 * :data:`FULL` -- the full-size 224x224 variants (``resnet50``, ``resnet18``, ``densenet121``,
-  ``mobilenet_v2``, ``vit_b16``) with batch-1 inputs.
+  ``mobilenet_v2``, ``vit_b16``) with batch-1 inputs and 1000 classes.
+
+Factories are deterministic and leave the global RNG alone; each also has ``.example_inputs()``
+(the inputs without building the model) and ``.input_shape``. Weights go through
+:func:`randomize_weights` (He conv / fan-in Linear init, random biases) and :func:`randomize_bn`
+(BN statistics calibrated on the example batch then perturbed, random norm affines and layer
+scales), so outputs are O(1), input-dependent, and numerical equivalence tests are meaningful.
 
 Full-size parameter counts match torchvision: ``resnet50()`` 25,557,032, ``resnet18()`` 11,689,512,
 ``densenet121()`` 7,978,856, ``mobilenet_v2()`` 3,504,872, ``vit_b16()`` 86,567,656.
 
-``lstm`` (an ``nn.LSTM``) and ``custom_op`` (a ``torch.library`` custom op that mixes channels)
-contain operators no pruner can know; they exist for negative tests.
+:data:`NEGATIVE` lists ``lstm`` (an ``nn.LSTM``) and ``custom_op`` (the ``torch.library`` op
+``graphprune_zoo::channel_mix``, which mixes neighbouring channels): they contain operators no
+pruner can know and exist for negative tests. Every ZOO model traces with plain
+``torch.fx.symbolic_trace`` and exports with ``torch.export.export(strict=False)``.
 """
 
 from __future__ import annotations
@@ -92,6 +99,39 @@ __all__ = [
     "lstm_model",
     "CustomOpModel",
     "custom_op_model",
+    # building blocks (for isinstance checks in tests and rules)
+    "ConvNormAct",
+    "SqueezeExcitation",
+    "StochasticDepth",
+    "conv1x1",
+    "conv3x3",
+    "InvertedResidual",
+    "SEGate",
+    "MBv3Block",
+    "MBConv",
+    "ShuffleUnit",
+    "Fire",
+    "BasicConv2d",
+    "Inception",
+    "LayerNorm",
+    "ConvNeXtBlock",
+    "BottleneckTransform",
+    "ResBottleneckBlock",
+    "DoubleConv",
+    "Down",
+    "Up",
+    "make_layers",
+    "PatchEmbed",
+    "Attention",
+    "SeparateQKVAttention",
+    "MHAWrapper",
+    "Mlp",
+    "Block",
+    "WindowAttention",
+    "SwinTransformerBlock",
+    "PatchMerging",
+    "BasicLayer",
+    "SwinPatchEmbed",
 ]
 
 Factory = Callable[[], tuple[nn.Module, tuple[Tensor, ...]]]
@@ -354,7 +394,9 @@ class ResNet(nn.Module):
         self.inplanes = _ch(64, width)
         self.groups = groups
         self.base_width = width_per_group
-        self.conv1 = nn.Conv2d(in_chans, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_chans, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -388,9 +430,7 @@ class ResNet(nn.Module):
                 nn.BatchNorm2d(planes * block.expansion),
             )
 
-        layers = [
-            block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)
-        ]
+        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
             layers.append(
@@ -825,7 +865,9 @@ class MobileNetV3(nn.Module):
             ConvNormAct(3, first, 3, stride=2, activation_layer=nn.Hardswish)
         ]
         for in_c, k, exp_c, out_c, use_se, act, stride in setting:
-            layers.append(MBv3Block(adjust(in_c), k, adjust(exp_c), adjust(out_c), use_se, act, stride))
+            layers.append(
+                MBv3Block(adjust(in_c), k, adjust(exp_c), adjust(out_c), use_se, act, stride)
+            )
         last_in = adjust(setting[-1][3])
         lastconv_out = 6 * last_in
         layers.append(ConvNormAct(last_in, lastconv_out, 1, activation_layer=nn.Hardswish))
@@ -1108,7 +1150,9 @@ class ShuffleUnit(nn.Module):
                 branch_features, branch_features, kernel_size=3, stride=self.stride, padding=1
             ),
             nn.BatchNorm2d(branch_features),
-            nn.Conv2d(branch_features, branch_features, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.Conv2d(
+                branch_features, branch_features, kernel_size=1, stride=1, padding=0, bias=False
+            ),
             nn.BatchNorm2d(branch_features),
             nn.ReLU(inplace=True),
         )
@@ -1423,7 +1467,7 @@ def inception(
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm supporting channels_last (F.layer_norm) or channels_first (manual mean/pow/sqrt)."""
+    """LayerNorm for channels_last (F.layer_norm) or channels_first (manual mean/pow/sqrt)."""
 
     def __init__(
         self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last"
@@ -1449,13 +1493,15 @@ class LayerNorm(nn.Module):
 
 
 class ConvNeXtBlock(nn.Module):
-    """ConvNeXt block: dw7x7 -> permute -> LayerNorm -> Linear-GELU-Linear -> gamma * x -> permute."""
+    """ConvNeXt block: dw7x7, permute, LayerNorm, Linear-GELU-Linear, ``gamma * x``, permute."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # depthwise conv
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)  # pointwise/1x1 convs, implemented with linear layers
+        self.pwconv1 = nn.Linear(
+            dim, 4 * dim
+        )  # pointwise/1x1 convs, implemented with linear layers
         self.act = nn.GELU()
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.gamma = (
@@ -1509,7 +1555,9 @@ class ConvNeXt(nn.Module):
             )
             self.downsample_layers.append(downsample_layer)
 
-        self.stages = nn.ModuleList()  # 4 feature resolution stages, each consisting of multiple blocks
+        self.stages = (
+            nn.ModuleList()
+        )  # 4 feature resolution stages, each consisting of multiple blocks
         dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         cur = 0
         for i in range(4):
@@ -1871,7 +1919,9 @@ class VGG(nn.Module):
         return x
 
 
-def make_layers(cfg: Sequence[int | str], batch_norm: bool = False, width: float = 1.0):
+def make_layers(
+    cfg: Sequence[int | str], batch_norm: bool = False, width: float = 1.0
+) -> tuple[nn.Sequential, int]:
     """VGG feature extractor from a config list; returns (Sequential, out_channels)."""
     layers: list[nn.Module] = []
     in_channels = 3
@@ -1970,7 +2020,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """timm multi-head self-attention: fused qkv -> reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)."""
+    """timm self-attention: fused qkv, ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)``."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -2210,9 +2260,7 @@ def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
 class WindowAttention(nn.Module):
     """Window multi-head self-attention with a relative position bias table indexed by a buffer."""
 
-    def __init__(
-        self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True
-    ) -> None:
+    def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
         self.dim = dim
         self.window_size = (window_size, window_size)  # Wh, Ww
@@ -2628,21 +2676,21 @@ def _channel_mix_op():
 
 
 class CustomOpModel(nn.Module):
-    """Conv -> opaque ``torch.library`` custom op mixing channels -> conv -> head (negative test)."""
+    """Conv, opaque ``torch.library`` channel-mixing custom op, conv, head (negative test)."""
 
     def __init__(self, channels: int = 16, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels)
-        self.mix_weight = nn.Parameter(torch.ones(channels))
+        self.mix_weight = nn.Parameter(torch.rand(channels) + 0.5)
         self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
-        self._mix = _channel_mix_op()
+        _channel_mix_op()  # make sure torch.ops.graphprune_zoo.channel_mix is registered
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self._mix(x, self.mix_weight)
+        x = torch.ops.graphprune_zoo.channel_mix(x, self.mix_weight)
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
@@ -2712,7 +2760,9 @@ def randomize_bn(
         tracked = [m for m in bns if m.running_mean is not None and m.running_var is not None]
         on_meta = any(p.is_meta for p in model.parameters())
         if calibration_input is not None and tracked and not on_meta:
-            args = calibration_input if isinstance(calibration_input, tuple) else (calibration_input,)
+            args = (
+                calibration_input if isinstance(calibration_input, tuple) else (calibration_input,)
+            )
             done: set[nn.Module] = set()
 
             def calibrate(mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
@@ -2792,26 +2842,40 @@ def randomize_weights(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _factory(
-    ctor: Callable[[], nn.Module], input_shape: Sequence[int] = (2, 3, 32, 32), seed: int = 0
+    ctor: Callable[[], nn.Module],
+    input_shape: Sequence[int] = (2, 3, 32, 32),
+    seed: int = 0,
+    calibration_batch: int = 16,
 ) -> Factory:
     """Wrap a constructor into a deterministic ``() -> (model.eval(), (input,))`` factory.
 
-    The model gets :func:`randomize_weights` and :func:`randomize_bn` applied.
+    The model gets :func:`randomize_weights` and :func:`randomize_bn` applied (BN statistics
+    calibrated on the example batch plus fresh samples, so the example stays in-distribution).
+    The factory also carries ``.example_inputs()`` (the same inputs, without building the model)
+    and ``.input_shape``.
     """
 
+    def example_inputs() -> tuple[Tensor, ...]:
+        g = torch.Generator().manual_seed(seed + 12345)
+        return (torch.randn(*input_shape, generator=g),)
+
     def make() -> tuple[nn.Module, tuple[Tensor, ...]]:
+        inputs = example_inputs()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = ctor()
             randomize_weights(model, seed)
-            x = torch.randn(*input_shape)
-            # calibrate on the example batch plus fresh samples: the example stays in-distribution
-            calib = torch.cat([x, torch.randn(max(16 - x.shape[0], 2), *input_shape[1:])])
+            x = inputs[0]
+            extra = max(calibration_batch - x.shape[0], 2)
+            calib = torch.cat([x, torch.randn(extra, *input_shape[1:])])
             randomize_bn(model, seed, calibration_input=calib)
-        return model.eval(), (x,)
+        return model.eval(), inputs
 
-    make.__name__ = getattr(ctor, "__name__", "make")
-    make.__doc__ = getattr(ctor, "__doc__", None)
+    base = ctor.func if isinstance(ctor, partial) else ctor
+    make.__name__ = getattr(base, "__name__", "make")
+    make.__doc__ = base.__doc__
+    make.example_inputs = example_inputs  # type: ignore[attr-defined]
+    make.input_shape = tuple(input_shape)  # type: ignore[attr-defined]
     return make
 
 
@@ -2819,7 +2883,9 @@ ZOO: dict[str, Factory] = {
     "resnet18": _factory(partial(resnet18, num_classes=10, width=0.25)),
     "resnet50": _factory(partial(resnet50, num_classes=10, width=0.25, layers=(2, 2, 2, 2))),
     "resnext": _factory(
-        partial(resnext, num_classes=10, width=0.25, layers=(1, 2, 1, 1), groups=4, width_per_group=16)
+        partial(
+            resnext, num_classes=10, width=0.25, layers=(1, 2, 1, 1), groups=4, width_per_group=16
+        )
     ),
     "densenet": _factory(partial(densenet_tiny, num_classes=10)),
     "mobilenet_v2": _factory(
@@ -2896,9 +2962,7 @@ ZOO: dict[str, Factory] = {
     ),
     "alexnet": _factory(partial(alexnet, num_classes=10, width=0.25, hidden=128)),
     "vit": _factory(
-        partial(
-            vit, img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=4
-        )
+        partial(vit, img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=4)
     ),
     "vit_separate_qkv": _factory(
         partial(
@@ -2935,12 +2999,14 @@ ZOO: dict[str, Factory] = {
 }
 """Small test variants: ``name -> () -> (model.eval(), (input,))`` at 32x32 (``mlp``: (2, 64))."""
 
+_FULL_SHAPE = (1, 3, 224, 224)
+
 FULL: dict[str, Factory] = {
-    "resnet50": _factory(resnet50, input_shape=(1, 3, 224, 224)),
-    "resnet18": _factory(resnet18, input_shape=(1, 3, 224, 224)),
-    "densenet121": _factory(densenet121, input_shape=(1, 3, 224, 224)),
-    "mobilenet_v2": _factory(mobilenet_v2, input_shape=(1, 3, 224, 224)),
-    "vit_b16": _factory(vit_b16, input_shape=(1, 3, 224, 224)),
+    "resnet50": _factory(resnet50, input_shape=_FULL_SHAPE, calibration_batch=4),
+    "resnet18": _factory(resnet18, input_shape=_FULL_SHAPE, calibration_batch=4),
+    "densenet121": _factory(densenet121, input_shape=_FULL_SHAPE, calibration_batch=4),
+    "mobilenet_v2": _factory(mobilenet_v2, input_shape=_FULL_SHAPE, calibration_batch=4),
+    "vit_b16": _factory(vit_b16, input_shape=_FULL_SHAPE, calibration_batch=4),
 }
 """Full-size ImageNet variants at 224x224, batch 1, 1000 classes."""
 

@@ -14,6 +14,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import graphprune as gp  # noqa: E402
 
+torch.set_num_threads(1)  # tests check numbers, not speed; one thread is faster on a busy 2-core box
+
 
 def check_prune(model, inputs, ratio=0.5, method="auto", importance="l1", expect_pruned=True):
     """Analyze, plan, apply (verified), then assert the slimmed model is really smaller and the
@@ -40,3 +42,15 @@ def check_prune(model, inputs, ratio=0.5, method="auto", importance="l1", expect
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA; `slow` sweeps run in CI (CI=true) or with GRAPHPRUNE_SLOW=1."""
+    run_slow = os.environ.get("GRAPHPRUNE_SLOW") == "1" or os.environ.get("CI") == "true"
+    no_gpu = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
+    no_slow = pytest.mark.skip(reason="slow sweep: set GRAPHPRUNE_SLOW=1 (CI runs it)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(no_slow)
