@@ -10,12 +10,12 @@ from .analysis import Analysis, ChannelGroup
 from .api import analyze, apply, mask, plan, prune, stats
 from .config import PruneConfig
 from .errors import GraphpruneError, PlanError, TraceError, VerificationError
-from .plan import Plan, Uniform
+from .plan import Flops, Latency, Params, Plan, Uniform
 from .trace import Traced, trace
 
 __all__ = [
     "analyze", "plan", "mask", "apply", "prune", "stats", "trace",
-    "Analysis", "ChannelGroup", "Plan", "Uniform", "PruneConfig", "Traced",
+    "Analysis", "ChannelGroup", "Plan", "Uniform", "Flops", "Params", "Latency", "PruneConfig", "Traced",
     "GraphpruneError", "PlanError", "TraceError", "VerificationError",
 ]
 __version__ = "0.1.0"

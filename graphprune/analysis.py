@@ -20,7 +20,6 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .errors import node_desc
-from .optable import lookup
 from .tmap import FIXED, Factor, TMap, reshape_chunks, rigid
 from .trace import Traced
 
@@ -273,13 +272,19 @@ class Builder:
             rows = next((f.rows for f in comp if f.rows is not None), None)
             out_factors.append(Factor(axes, base, rows))
         out = TMap(out_shape, tuple(out_factors))
-        # a full-length rigid axis in any input pins the factor's length on that axis
+        # a full-length rigid axis in any input pins the factor's length on that axis; a pinned
+        # single-axis factor is then just a rigid axis (position embeddings on the token axis)
+        pinned = set()
         for tm in maps:
             for a in range(nd):
                 if out_shape[a] > 1 and tm.shape[a] == out_shape[a] and tm.factor_of(a) is None:
                     f = out.factor_of(a)
-                    if f is not None:
+                    if f is not None and id(f) not in pinned:
                         self.no_shrink(f, a)
+                        if len(f.axes) == 1:
+                            pinned.add(id(f))
+        if pinned:
+            out = TMap(out_shape, tuple(f for f in out.factors if id(f) not in pinned))
         return out
 
     def align(self, tm: TMap, nd: int) -> TMap:
@@ -330,13 +335,23 @@ class Builder:
         new_shape = tuple(int(s) for s in new_shape)
         if not tm.factors:
             return rigid(new_shape)
+        if new_shape == tm.shape:
+            return tm
         chunks = reshape_chunks(tm.shape, new_shape)
         if chunks is None:
             self.fix_map(tm, "reshape not understood")
             return rigid(new_shape)
+        # axes that map one-to-one (same size, alone in their chunk) just move
+        ident = {ia[0]: jb[0] for ia, jb in chunks
+                 if len(ia) == 1 and len(jb) == 1 and tm.shape[ia[0]] == new_shape[jb[0]]}
         out: list[Factor] = []
+        moved = set()
+        for f in tm.factors:
+            if len(f.axes) > 1 and all(a in ident for a in f.axes):
+                out.append(Factor(tuple(ident[a] for a in f.axes), f.ids, f.rows))
+                moved.add(id(f))
         for ia, jb in chunks:
-            fs = [f for f in tm.factors if set(f.axes) & set(ia)]
+            fs = [f for f in tm.factors if set(f.axes) & set(ia) and id(f) not in moved]
             if not fs:
                 continue
             if len(fs) > 1 or not set(fs[0].axes) <= set(ia):
@@ -574,7 +589,7 @@ def _rows(classes: np.ndarray, arrs) -> tuple[np.ndarray | None, str]:
     if len(keys) > 1:
         # accept if one layout refines all others (its rows nest inside theirs)
         fine = min(layouts, key=lambda t: len(t[1][0]))
-        for k, rows, where in layouts:
+        for _k, rows, where in layouts:
             covered = {x for rr in rows for x in rr}
             for r in fine[1]:
                 if set(r) & covered and not any(set(r) <= set(rr) for rr in rows):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 
 import numpy as np
 import torch.fx as fx
@@ -50,7 +49,8 @@ def plan(a: Analysis, target=None, importance="l1", *, config: PruneConfig | Non
         config.target if config else None), importance=importance, **kw)
     tgt = cfg.target if cfg.target is not None else Uniform(0.3)
     t0 = time.perf_counter()
-    scores = score(a, cfg.importance, reduce=cfg.reduce, seed=cfg.seed, **cfg.extra)
+    scores = score(a, cfg.importance, reduce=cfg.reduce, seed=cfg.seed, data=cfg.data,
+                   loss_fn=cfg.loss_fn, **cfg.extra)
     skip = _ignored_groups(a, cfg.ignore)
     keep: dict[int, tuple[int, ...]] = {}
     sizes = {g.id: g.size for g in a.groups}

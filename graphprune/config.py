@@ -25,6 +25,8 @@ class PruneConfig:
     verify_trials: int = 2
     seed: int = 0
     time_limit: float = 10.0
+    data: Any = None  # calibration batches for data-driven importance (output_l1, taylor)
+    loss_fn: Any = None  # loss_fn(output, target) for taylor
     extra: dict = field(default_factory=dict)
 
     def update(self, **kw) -> PruneConfig:

@@ -77,6 +77,9 @@ CACHE_DIR: str | os.PathLike | None = None
 
 _FORMAT = "graphprune.latency/1"
 
+#: A measured point worth more than this × both neighbours on the grid is re-measured.
+SPIKE_RATIO = 1.5
+
 
 # ----------------------------------------------------------------------------------------------
 # Signatures
@@ -563,6 +566,7 @@ class _SigTable:
     col: np.ndarray
     points: int = 0
     seconds: float = 0.0
+    remeasured: int = 0
     arrays: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -610,6 +614,7 @@ class _SigTable:
             "col": self.col.tolist(),
             "points": self.points,
             "seconds": self.seconds,
+            "remeasured": self.remeasured,
         }
 
     @classmethod
@@ -626,6 +631,7 @@ class _SigTable:
             col=np.asarray(d["col"], dtype=float),
             points=int(d.get("points", 0)),
             seconds=float(d.get("seconds", 0.0)),
+            remeasured=int(d.get("remeasured", 0)),
         )
 
 
@@ -671,22 +677,11 @@ def _assemble(
     if mode == "diag":
         mult = cout[0] // fin[-1]
         grid = np.asarray([[values[(c, c * mult)]] for c in fin], dtype=float)
-        return _SigTable(
-            sig,
-            mode,
-            fin,
-            cout,
-            fin,
-            cout,
-            grid,
-            grid[:, 0].copy(),
-            grid[-1].copy(),
-            len(pts),
-            seconds,
-        )
-    grid = np.asarray([[values[(i, o)] for o in cout] for i in cin], dtype=float)
-    row = np.asarray([values[(i, fout[-1])] for i in fin], dtype=float)
-    col = np.asarray([values[(fin[-1], o)] for o in fout], dtype=float)
+        row, col = grid[:, 0].copy(), grid[-1].copy()
+    else:
+        grid = np.asarray([[values[(i, o)] for o in cout] for i in cin], dtype=float)
+        row = np.asarray([values[(i, fout[-1])] for i in fin], dtype=float)
+        col = np.asarray([values[(fin[-1], o)] for o in fout], dtype=float)
     return _SigTable(sig, mode, fin, fout, cin, cout, grid, row, col, len(pts), seconds)
 
 
@@ -770,27 +765,36 @@ def _measure_overheads(
     repeats: int,
     progress: bool,
 ) -> dict[str, dict[str, list[float]]]:
-    sizes = [2**k for k in range(10, max(11, int(math.log2(max_numel)) + 2))]
+    """ms-vs-bytes curve of each overhead kind on sizes 2**10 .. ``max_numel`` elements."""
+    sizes = [2**k for k in range(10, max(11, math.ceil(math.log2(max_numel)) + 1))]
     ops = _overhead_ops()
     out: dict[str, dict[str, list[float]]] = {}
     bar = _progress(len(ops) * len(sizes) + 1, "op overheads", progress)
     for kind, build in ops.items():
-        nbytes, ms = [], []
+        inputs = {n: torch.randn(_nchw(n), device=device, dtype=dtype) for n in sizes}
+
+        def measure(n: int, build=build, inputs=inputs) -> float:
+            return measure_latency(build(inputs[n]), (), warmup, repeats, min_sample_ms=0.2)[0]
+
+        values = {}
         for n in sizes:
-            x = torch.randn(_nchw(n), device=device, dtype=dtype)
-            t, _ = measure_latency(build(x), (), warmup, repeats, min_sample_ms=0.2)
-            nbytes.append(float(x.numel() * x.element_size()))
-            ms.append(t)
+            values[n] = measure(n)
             bar.update(1)
-        out[kind] = {"bytes": nbytes, "ms": ms}
-    ident = nn.Identity()
-    x = torch.randn(4, device=device, dtype=dtype)
-    t_mod, _ = measure_latency(ident, (x,), warmup, repeats, min_sample_ms=0.2)
-    t_fn, _ = measure_latency(lambda v: v, (x,), warmup, repeats, min_sample_ms=0.2)
-    out["module_call"] = {"bytes": [0.0], "ms": [max(t_mod - t_fn, 0.0)]}
+        _recheck_spikes([sizes], values, measure)
+        nbytes = [float(inputs[n].numel() * inputs[n].element_size()) for n in sizes]
+        out[kind] = {"bytes": nbytes, "ms": [values[n] for n in sizes]}
+    out["module_call"] = {"bytes": [0.0], "ms": [_module_call_ms(device, dtype, warmup, repeats)]}
     bar.update(1)
     bar.close()
     return out
+
+
+def _module_call_ms(device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> float:
+    """Extra cost of an ``nn.Module.__call__`` over a plain function call."""
+    x = torch.randn(4, device=device, dtype=dtype)
+    t_mod, _ = measure_latency(nn.Identity(), (x,), warmup, repeats, min_sample_ms=0.2)
+    t_fn, _ = measure_latency(lambda v: v, (x,), warmup, repeats, min_sample_ms=0.2)
+    return max(t_mod - t_fn, 0.0)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -902,8 +906,9 @@ class LatencyTable:
         with num_threads(self.key["threads"]):
             for sig, plan in plans.items():
                 t0 = time.perf_counter()
-                values = _measure_points(sig, plan[-1], device, timer, warmup, repeats, bar)
+                values, n = _measure_sig(sig, plan, device, timer, warmup, repeats, bar)
                 self.tables[sig] = _assemble(sig, plan, values, time.perf_counter() - t0)
+                self.tables[sig].remeasured = n
         bar.close()
         return len(todo)
 
@@ -1023,6 +1028,7 @@ class LatencyTable:
             "coarse": (len(t.coarse_in), len(t.coarse_out)),
             "points": t.points,
             "seconds": t.seconds,
+            "remeasured": t.remeasured,
         }
 
     # -- persistence ---------------------------------------------------------------------------
@@ -1118,29 +1124,84 @@ def _table_dtype(sigs: Iterable[LayerSig]) -> str:
     return dtypes.pop() if dtypes else "float32"
 
 
-def _measure_points(
+def _measure_sig(
     sig: LayerSig,
-    points: Sequence[tuple[int, int]],
+    plan: tuple,
     device: torch.device,
     timer: Timer | None,
     warmup: int,
     repeats: int,
     bar: Any,
-) -> dict[tuple[int, int], float]:
-    """Median latency at each point, visited in a fixed random order (decorrelates drift from
-    the staircase)."""
-    order = list(points)
+) -> tuple[dict[tuple[int, int], float], int]:
+    """Median latency at each planned point, visited in a fixed random order (decorrelates drift
+    and load bursts from the grid), then re-measure isolated spikes (see :func:`_spikes`).
+    Returns the values and the number of re-measurements."""
+    order = list(plan[-1])
     random.Random(0).shuffle(order)
     arena = _Arena(device, getattr(torch, sig.dtype)) if timer is None else None
-    values = {}
-    for ci, co in order:
+
+    def measure(ci: int, co: int) -> float:
         if timer is not None:
-            values[(ci, co)] = float(timer(sig, ci, co))
-        else:
-            fn, args = layer_op(sig, ci, co, device, arena)
-            values[(ci, co)] = measure_latency(fn, args, warmup, repeats, min_sample_ms=0.2)[0]
+            return float(timer(sig, ci, co))
+        fn, args = layer_op(sig, ci, co, device, arena)
+        return measure_latency(fn, args, warmup, repeats, min_sample_ms=0.2)[0]
+
+    values = {}
+    for p in order:
+        values[p] = measure(*p)
         bar.update(1)
-    return values
+    return values, _recheck_spikes(_plan_lines(plan), values, measure)
+
+
+def _plan_lines(plan: tuple) -> list[list[tuple[int, int]]]:
+    """The measured points as 1-D sequences along which latency should vary smoothly."""
+    mode, fin, fout, cin, cout, pts = plan
+    if mode == "diag":
+        return [sorted(pts)]
+    lines = [[(i, fout[-1]) for i in fin], [(fin[-1], o) for o in fout]]
+    lines += [[(i, o) for o in cout] for i in cin]
+    return lines + [[(i, o) for i in cin] for o in cout]
+
+
+def _work(p: Any) -> float:
+    """Size of a measured point: ``c_in * c_out`` for a grid point, the number for a size."""
+    return float(p[0] * p[1]) if isinstance(p, tuple) else float(p)
+
+
+def _spikes(lines: Iterable[Sequence[Any]], values: Mapping[Any, float], ratio: float) -> set:
+    """Points costing more than ``ratio`` × what a neighbour along some line allows (its value,
+    scaled up by the size ratio when the point is larger): latency never grows faster than the
+    work between neighbouring grid points, a burst of load on the machine makes it."""
+    out = set()
+    for line in lines:
+        for k, p in enumerate(line):
+            nb = [
+                values[q] * max(1.0, _work(p) / _work(q))
+                for q in line[max(k - 1, 0) : k + 2]
+                if q != p
+            ]
+            if nb and values[p] > ratio * max(nb):
+                out.add(p)
+    return out
+
+
+def _recheck_spikes(
+    lines: list[Sequence[Any]],
+    values: dict[Any, float],
+    measure: Callable[..., float],
+    ratio: float = SPIKE_RATIO,
+    retries: int = 2,
+) -> int:
+    """Re-measure spikes up to ``retries`` times, keeping the smaller value; returns the count."""
+    n = 0
+    for _ in range(retries):
+        bad = sorted(_spikes(lines, values, ratio))
+        for p in bad:
+            values[p] = min(values[p], measure(*p))
+        n += len(bad)
+        if not bad:
+            break
+    return n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 from .analysis import Analysis, ChannelGroup
 from .errors import PlanError
 
-__all__ = ["Plan", "Uniform", "Target", "select_top", "keep_count", "segments", "repair_empty"]
+__all__ = ["Plan", "Uniform", "Flops", "Params", "Latency", "Target", "select_top", "keep_count", "segments", "repair_empty"]
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,26 @@ def repair_empty(a: Analysis, g: ChannelGroup, keep: tuple[int, ...], scores) ->
         if not kept & set(seg):
             kept.add(max(seg, key=lambda i: scores[i]))
     return tuple(sorted(kept))
+
+
+@dataclass(frozen=True)
+class Flops(Target):
+    """Keep at most fraction `fraction` of the original conv/linear FLOPs."""
+
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Params(Target):
+    """Keep at most fraction `fraction` of the original conv/linear parameters."""
+
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Latency(Target):
+    """Keep at most fraction `fraction` of the original latency, as predicted by `table`
+    (a LatencyTable measured on the target device; measured on the fly when None)."""
+
+    fraction: float
+    table: Any = field(default=None, compare=False, repr=False)

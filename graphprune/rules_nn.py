@@ -88,14 +88,14 @@ def _conv(b: Builder, node, x: TMap, w: TMap, bias: TMap | None, groups: int, wk
             b.fix_map(w, "grouped transposed conv")
             return rigid_from_val(b.val(node))
         _tie(b, w0, X, "input channels cannot change")
-        O = w1
+        out_ids = w1
     elif groups == 1:
         _tie(b, w1, X, "input channels cannot change")
-        O = w0
+        out_ids = w0
     elif w.shape[1] == 1:  # depthwise, channel multiplier m
         m = w.shape[0] // c_in
         _tie(b, w0, None if X is None else np.repeat(X, m), "depthwise input cannot change")
-        O = w0
+        out_ids = w0
         b.note(depthwise=True)
     else:  # grouped
         if X is None or w0 is None or wkey is None:
@@ -103,16 +103,16 @@ def _conv(b: Builder, node, x: TMap, w: TMap, bias: TMap | None, groups: int, wk
                 b.fix(X, "grouped conv whose weight is computed")
             if w0 is not None:
                 b.fix(w0, "grouped conv whose weight is computed")
-            O = w0
+            out_ids = w0
         else:
             b.arrange(X.reshape(groups, -1))
             b.arrange(w0.reshape(groups, -1))
             b.params[wkey]["grouped_in"] = X.reshape(groups, -1)
-            O = w0
+            out_ids = w0
     if bias is not None:
-        _tie(b, _ids0(bias, 0), O, "output channels cannot change")
-    b.produce(O)
-    return _with_channel(out_shape, cax, O)
+        _tie(b, _ids0(bias, 0), out_ids, "output channels cannot change")
+    b.produce(out_ids)
+    return _with_channel(out_shape, cax, out_ids)
 
 
 def _conv_module(b: Builder, node: fx.Node):
@@ -181,6 +181,7 @@ def _slim_conv_fn(s, node: fx.Node):
 register(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
          F.conv_transpose3d, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
          aten.convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
          aten.conv_transpose3d.input, name="conv_fn", slim=_slim_conv_fn)(_conv_fn)
 
 
@@ -193,13 +194,13 @@ def _linear(b: Builder, node, x: TMap, w: TMap, bias: TMap | None) -> TMap:
     nd = len(out_shape)
     X = _chan_ids(b, x, x.ndim - 1)
     _tie(b, _ids0(w, 1), X, "input features cannot change")
-    O = _ids0(w, 0)
+    out_ids = _ids0(w, 0)
     if bias is not None:
-        _tie(b, _ids0(bias, 0), O, "output features cannot change")
+        _tie(b, _ids0(bias, 0), out_ids, "output features cannot change")
     fs = [f for f in x.factors if (x.ndim - 1) not in f.axes]
-    b.produce(O)
-    if O is not None and out_shape[-1] > 1:
-        fs.append(Factor((nd - 1,), O))
+    b.produce(out_ids)
+    if out_ids is not None and out_shape[-1] > 1:
+        fs.append(Factor((nd - 1,), out_ids))
     return TMap(out_shape, tuple(fs))
 
 
@@ -504,11 +505,6 @@ def _nsp_from_name(b, node, x):
     return max(x.ndim - 2, 1)
 
 
-def _nsp_pad(b, node, x):
-    pad = arg(node, 1, "pad") if node.op != "call_module" else b.module(node).padding
-    return len(pad) // 2
-
-
 _POOL_MODULES = [
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -527,9 +523,26 @@ _POOL_FUNCS = [
     aten.upsample_bilinear2d.default, F.max_pool2d_with_indices,
 ]
 register(*_POOL_MODULES, *_POOL_FUNCS, name="spatial")(_spatial(_nsp_from_name))
+def _pad(b: Builder, node: fx.Node):
+    """Padding: axes whose pad pair is (0, 0) keep their channels; padded channel axes pin."""
+    x = b.tm(node.args[0])
+    shape = tuple(b.val(node).shape)
+    pad = b.module(node).padding if node.op == "call_module" else arg(node, 1, "pad")
+    if isinstance(pad, int):
+        pad = (pad,) * (2 * (x.ndim - 2))
+    padded = {x.ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
+    keep = []
+    for f in x.factors:
+        if any(a in padded for a in f.axes):
+            b.fix(f.ids, "padding of a channel axis")
+        else:
+            keep.append(f)
+    return TMap(shape, tuple(keep))
+
+
 register(nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
          nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, F.pad, aten.pad.default,
-         aten.constant_pad_nd.default, name="pad")(_spatial(_nsp_pad))
+         aten.constant_pad_nd.default, name="pad")(_pad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def mask(a: Analysis, plan: Plan, src: fx.GraphModule | None = None) -> fx.Graph
         mnode = o.const(o.mask(tm))
         with g.inserting_after(mnode):
             w = g.call_function(oracle_ops.keep, (node, mnode))
-        node.replace_all_uses_with(w, delete_user_cb=lambda u: u is not w)
+        node.replace_all_uses_with(w, delete_user_cb=lambda u, w=w: u is not w)
         o.aliases[w.name] = node.name
     # 2) ops that reduce over channels compute over kept channels only
     for node in list(g.nodes):

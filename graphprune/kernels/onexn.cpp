@@ -23,13 +23,17 @@
 #ifndef GP_ONEXN_BODY
 #define GP_ONEXN_BODY 1
 
+// Light headers (not torch/extension.h) keep the JIT build short.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 #include <omp.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -65,6 +69,9 @@ struct Job {
   int64_t mt_tiles = 1;  // tiles per macro tile
   int64_t n_mt = 1;      // macro tiles in all
   bool g_outer = false;  // item order: (group, macro tile) instead of (macro tile, group)
+  int64_t jblock = 1;    // pv: kept channels per L1 block
+  int64_t chunk = 1;     // items handed to a thread at a time
+  std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
 };
 
 }  // namespace gp
@@ -162,8 +169,13 @@ static int vec_width() { return g_isa == Isa::AVX512 ? 16 : 8; }
 static int pv_tile_px() { return g_isa == Isa::AVX512 ? avx512::pv_tile_px() : avx2::pv_tile_px(); }
 static int ov_tile_px() { return g_isa == Isa::AVX512 ? avx512::ov_tile_px() : avx2::ov_tile_px(); }
 
-static void run_job(const Job& job) {
+static void run_job(Job& job) {
   int nth = std::max(1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  job.next = &next;
+  const int64_t total = job.n_mt * job.G;
+  // a few chunks per thread: balance (and robustness to a descheduled thread) vs locality
+  job.chunk = std::max<int64_t>(1, total / (4 * nth));
   const Isa isa = g_isa;
   auto body = [&](int tid, int nt) {
     if (isa == Isa::AVX512)
@@ -190,6 +202,10 @@ static void plan_tiles(Job& job) {
     job.ntile_img = (job.L + pmax - 1) / pmax;
     job.tile = pmax;
   }
+  // pv: block the kept channels so one block's rows of a tile fit in about half of L1
+  const int64_t span = job.toff.empty() ? 0 : job.toff.back() - job.toff.front();
+  const int64_t ch_bytes = 4 * std::min(job.tile + span, job.tile * job.taps);
+  job.jblock = std::max<int64_t>(8, env_int("GP_1XN_L1_KB", 24) * 1024 / std::max<int64_t>(1, ch_bytes));
   const int64_t ntiles = job.B * job.ntile_img;
   const int64_t px_per_tile = std::max<int64_t>(1, job.L / job.ntile_img);
   const int64_t target = env_int("GP_1XN_MT_PX", 192);
@@ -202,13 +218,25 @@ static void plan_tiles(Job& job) {
   job.g_outer = order >= 0 ? order == 1 : (job.n_mt * wbytes > job.G * abytes);
 }
 
+// Columns j in [lo, hi) of a plane row whose source column j*stride + shift lies in [0, W).
+struct Span {
+  int64_t lo, hi;
+};
+static Span valid_span(int64_t Wq, int64_t stride, int64_t shift, int64_t W) {
+  int64_t lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
+  int64_t hi = W - 1 - shift < 0 ? 0 : (W - 1 - shift) / stride + 1;
+  lo = std::min(lo, Wq);
+  hi = std::max(lo, std::min(hi, Wq));
+  return {lo, hi};
+}
+
 struct Geom {
   int64_t B, C, H, W, K, R, S, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
 
 // Build the planar (padded, phase-split) copy of x, or point at x when it can be read in place.
 // Returns the tensor that owns the memory (may be x itself).
-static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geom& g, Job& job) {
+static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, Job& job) {
   const int64_t rmax = (g.R - 1) * g.dh, smax = (g.S - 1) * g.dw;
   if (!x_cl && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0) {
     job.x = x.data_ptr<float>();
@@ -248,7 +276,7 @@ static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geo
     }
   job.L = (g.Ho - 1) * Wq + g.Wo;
   // + one vector of slack so unmasked loads past the last plane stay inside the buffer
-  auto xq = torch::empty({g.B * job.bs + 64}, x.options());
+  auto xq = at::empty({g.B * job.bs + 64}, x.options());
   float* dst = xq.data_ptr<float>();
   const float* src = x.data_ptr<float>();
   job.x = dst;
@@ -258,6 +286,7 @@ static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geo
       for (int64_t bc = lo; bc < hi; ++bc)
         for (int64_t p = 0; p < npl; ++p) {
           const int64_t a = planes[p].first, bb = planes[p].second;
+          const Span sp = valid_span(Wq, g.sw, bb - g.pw, g.W);
           float* d0 = dst + bc * job.cs + p * plane;
           const float* s0 = src + bc * g.H * g.W;
           for (int64_t i = 0; i < Hq; ++i) {
@@ -267,11 +296,13 @@ static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geo
               std::memset(d, 0, Wq * sizeof(float));
               continue;
             }
-            const float* srow = s0 + ih * g.W;
-            for (int64_t j = 0; j < Wq; ++j) {
-              const int64_t iw = j * g.sw + bb - g.pw;
-              d[j] = (iw >= 0 && iw < g.W) ? srow[iw] : 0.f;
-            }
+            const float* srow = s0 + ih * g.W + bb - g.pw;
+            std::memset(d, 0, sp.lo * sizeof(float));
+            if (g.sw == 1)
+              std::memcpy(d + sp.lo, srow + sp.lo, (sp.hi - sp.lo) * sizeof(float));
+            else
+              for (int64_t j = sp.lo; j < sp.hi; ++j) d[j] = srow[j * g.sw];
+            std::memset(d + sp.hi, 0, (Wq - sp.hi) * sizeof(float));
           }
         }
     });
@@ -283,13 +314,17 @@ static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geo
         const int64_t a = planes[p].first, bb = planes[p].second;
         const int64_t ih = i * g.sh + a - g.ph;
         float* d0 = dst + b * job.bs + p * plane + i * Wq;
+        const Span sp = (ih < 0 || ih >= g.H) ? Span{0, 0} : valid_span(Wq, g.sw, bb - g.pw, g.W);
+        for (int64_t c = 0; c < g.C; ++c) {
+          std::memset(d0 + c * job.cs, 0, sp.lo * sizeof(float));
+          std::memset(d0 + c * job.cs + sp.hi, 0, (Wq - sp.hi) * sizeof(float));
+        }
+        const float* srow = src + ((b * g.H + ih) * g.W + bb - g.pw) * g.C;
         for (int64_t c0 = 0; c0 < g.C; c0 += 16) {
           const int64_t c1 = std::min(g.C, c0 + 16);
-          for (int64_t j = 0; j < Wq; ++j) {
-            const int64_t iw = j * g.sw + bb - g.pw;
-            const bool ok = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-            const float* s = src + ((b * g.H + ih) * g.W + iw) * g.C;
-            for (int64_t c = c0; c < c1; ++c) d0[c * job.cs + j] = ok ? s[c] : 0.f;
+          for (int64_t j = sp.lo; j < sp.hi; ++j) {
+            const float* s = srow + j * g.sw * g.C;
+            for (int64_t c = c0; c < c1; ++c) d0[c * job.cs + j] = s[c];
           }
         }
       }
@@ -298,12 +333,12 @@ static torch::Tensor prepare_planar(const torch::Tensor& x, bool x_cl, const Geo
   return xq;
 }
 
-static void check_weights(const torch::Tensor& values, const torch::Tensor& indices,
-                          const c10::optional<torch::Tensor>& bias, int64_t n, int64_t C,
+static void check_weights(const at::Tensor& values, const at::Tensor& indices,
+                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t C,
                           int64_t taps) {
-  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == torch::kFloat && values.is_contiguous(),
+  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kFloat && values.is_contiguous(),
               "graphprune 1xN: values must be a contiguous float32 [G, kept, R*S*N] tensor");
-  TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == torch::kInt &&
+  TORCH_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kInt &&
                   indices.is_contiguous(),
               "graphprune 1xN: indices must be a contiguous int32 [G, kept] tensor");
   TORCH_CHECK(values.size(0) == indices.size(0) && values.size(1) == indices.size(1),
@@ -315,14 +350,14 @@ static void check_weights(const torch::Tensor& values, const torch::Tensor& indi
     TORCH_CHECK(ip[i] >= 0 && ip[i] < C, "graphprune 1xN: index ", ip[i], " out of range [0, ",
                 C, ")");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() &&
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                     bias->numel() == values.size(0) * n,
                 "graphprune 1xN: bias must be contiguous float32 with K elements");
   }
 }
 
-static void fill_weights(Job& job, const torch::Tensor& values, const torch::Tensor& indices,
-                         const c10::optional<torch::Tensor>& bias, int64_t n) {
+static void fill_weights(Job& job, const at::Tensor& values, const at::Tensor& indices,
+                         const c10::optional<at::Tensor>& bias, int64_t n) {
   job.w = values.data_ptr<float>();
   job.idx = indices.data_ptr<int32_t>();
   job.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
@@ -334,18 +369,18 @@ static void fill_weights(Job& job, const torch::Tensor& values, const torch::Ten
 
 // conv2d with a uniform 1xN block-sparse weight. x: [B, C, H, W] float32, NCHW-contiguous or
 // channels_last; the output has the same memory format as x.
-torch::Tensor conv2d_1xn(const torch::Tensor& x_in, const torch::Tensor& values,
-                         const torch::Tensor& indices, const c10::optional<torch::Tensor>& bias,
+at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
+                         const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
                          int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                          int64_t n, int64_t R, int64_t S) {
   TORCH_CHECK(g_isa != Isa::NONE, "graphprune 1xN: CPU lacks AVX2/FMA");
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu(),
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "graphprune 1xN: x must be a 4-D float32 CPU tensor");
   TORCH_CHECK(sh > 0 && sw > 0 && dh > 0 && dw > 0 && ph >= 0 && pw >= 0 && n > 0,
               "graphprune 1xN: bad stride/padding/dilation/N");
   const bool x_cl = !x_in.is_contiguous() &&
                     x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const torch::Tensor x = x_cl ? x_in : x_in.contiguous();
+  const at::Tensor x = x_cl ? x_in : x_in.contiguous();
   Geom g{};
   g.B = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
   g.R = R; g.S = S; g.sh = sh; g.sw = sw; g.ph = ph; g.pw = pw; g.dh = dh; g.dw = dw;
@@ -355,9 +390,9 @@ torch::Tensor conv2d_1xn(const torch::Tensor& x_in, const torch::Tensor& values,
   check_weights(values, indices, bias, n, g.C, R * S);
   g.K = values.size(0) * n;
   auto opts = x.options();
-  torch::Tensor y = x_cl ? torch::empty({g.B, g.K, g.Ho, g.Wo},
+  at::Tensor y = x_cl ? at::empty({g.B, g.K, g.Ho, g.Wo},
                                         opts.memory_format(at::MemoryFormat::ChannelsLast))
-                         : torch::empty({g.B, g.K, g.Ho, g.Wo}, opts);
+                         : at::empty({g.B, g.K, g.Ho, g.Wo}, opts);
   if (g.B == 0) return y;
 
   Job job;
@@ -367,7 +402,7 @@ torch::Tensor conv2d_1xn(const torch::Tensor& x_in, const torch::Tensor& values,
   job.y = y.data_ptr<float>();
   job.y_cl = x_cl;
   job.kind = (x_cl && n % vec_width() == 0) ? Kind::OV : Kind::PV;
-  torch::Tensor keep;
+  at::Tensor keep;
   const bool direct_nhwc = job.kind == Kind::OV && x_cl && R == 1 && S == 1 && sh == 1 &&
                            sw == 1 && ph == 0 && pw == 0;
   if (direct_nhwc) {
@@ -383,25 +418,25 @@ torch::Tensor conv2d_1xn(const torch::Tensor& x_in, const torch::Tensor& values,
 }
 
 // linear with a uniform 1xN block-sparse weight: x [M, C] float32 -> [M, K].
-torch::Tensor linear_1xn(const torch::Tensor& x_in, const torch::Tensor& values,
-                         const torch::Tensor& indices, const c10::optional<torch::Tensor>& bias,
+at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
+                         const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
                          int64_t n) {
   TORCH_CHECK(g_isa != Isa::NONE, "graphprune 1xN: CPU lacks AVX2/FMA");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.device().is_cpu(),
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "graphprune 1xN: x must be a 2-D float32 CPU tensor");
-  const torch::Tensor x = x_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), C = x.size(1);
   check_weights(values, indices, bias, n, C, 1);
   Job job;
   fill_weights(job, values, indices, bias, n);
-  auto y = torch::empty({M, job.K}, x.options());
+  auto y = at::empty({M, job.K}, x.options());
   if (M == 0) return y;
   job.taps = 1;
   job.B = 1; job.Ho = 1; job.Wo = M;
   job.y = y.data_ptr<float>();
   job.y_cl = true;  // [M, K] is NHWC with H = 1, W = M
   job.kind = n % vec_width() == 0 ? Kind::OV : Kind::PV;
-  torch::Tensor keep;
+  at::Tensor keep;
   if (job.kind == Kind::OV) {
     job.x = x.data_ptr<float>();
     job.cs = 1; job.ld = C; job.bs = M * C;
@@ -438,19 +473,27 @@ static constexpr int ov_pmax(int nv) { return std::min(12, (NREG - 4) / nv); }
 int pv_tile_px() { return W * pv_vmax(pv_nc()); }
 int ov_tile_px() { return ov_pmax(ov_nv()); }
 
-// pv micro-kernel: out[n][p] = bias[n] + sum_q w[q][n] * x[off[q] + p] over q = (j, t) pairs,
-// NC outputs x V vectors of W pixels; lanes of the last vector past `rem` are not loaded or
-// stored. off[q] = idx[j] * cs + toff[t] is precomputed per output group.
+// pv micro-kernel: out[n][p] = init[n][p] + sum_q w[q][n] * x[off[q] + p] over q = (j, t) pairs,
+// NC outputs x V vectors of W pixels, where init is out itself (acc_in) or the bias; lanes of
+// the last vector past `rem` are not loaded or stored. off[q] = idx[j] * cs + toff[t].
 template <int NC, int V>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
-                    const float* __restrict bias, float* __restrict out, int64_t ldo) {
+                    const float* __restrict bias, float* __restrict out, int64_t ldo,
+                    bool acc_in) {
   VT acc[NC][V];
-  GP_UNROLL for (int n = 0; n < NC; ++n) {
-    const VT b0 = bias ? vset1(bias[n]) : vzero();
-    GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = b0;
-  }
   const MT m = vmask(rem);
+  if (acc_in) {
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      GP_UNROLL for (int v = 0; v < V - 1; ++v) acc[n][v] = vload(out + n * ldo + v * W);
+      acc[n][V - 1] = vloadm(out + n * ldo + (V - 1) * W, m);
+    }
+  } else {
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      const VT b0 = bias ? vset1(bias[n]) : vzero();
+      GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = b0;
+    }
+  }
   for (int64_t q = 0; q < nq; ++q) {
     const float* xa = x + off[q];
     const float* wq = w + q * N;
@@ -515,7 +558,7 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
 }
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                      const float*, float*, int64_t);
+                      const float*, float*, int64_t, bool);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
                       const float*, float* const*);
 
@@ -576,28 +619,33 @@ static void pv_writeback(const Job& jb, const float* buf, int64_t ldb, int64_t n
   }
 }
 
-static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, int64_t* off) {
+static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, const int64_t* off) {
   const int64_t NC = pv_nc(), V = pv_vmax(NC), TP = jb.tile;
   const int64_t t_lo = mt * jb.mt_tiles;
   const int64_t t_hi = std::min(jb.B * jb.ntile_img, t_lo + jb.mt_tiles);
   const int64_t HoWo = jb.Ho * jb.Wo;
   const bool direct = !jb.y_cl && jb.Wq == jb.Wo;
-  for (int64_t c0 = 0; c0 < jb.N; c0 += NC) {
-    const int64_t nc = std::min(NC, jb.N - c0);
-    const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
-    const float* bg = jb.bias ? jb.bias + g * jb.N + c0 : nullptr;
-    const int64_t k0 = g * jb.N + c0;
-    for (int64_t tl = t_lo; tl < t_hi; ++tl) {
-      const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * TP;
-      const int64_t cnt = std::min(TP, jb.L - f0);
-      const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
-      const float* xb = jb.x + b * jb.bs + f0;
-      float* out = direct ? jb.y + (b * jb.K + k0) * HoWo + f0 : buf;
-      const int64_t ldo = direct ? HoWo : TP;
-      kPv[nc][std::min<int64_t>(vused, V)](xb, off, jb.kept * jb.taps, wg, jb.N, rem, bg, out,
-                                           ldo);
-      if (!direct) pv_writeback(jb, buf, TP, nc, k0, b, f0, cnt);
+  const float* wg = jb.w + g * jb.kept * jb.taps * jb.N;
+  // tile, then blocks of kept channels (whose rows of the tile stay in L1), then output chunks
+  for (int64_t tl = t_lo; tl < t_hi; ++tl) {
+    const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * TP;
+    const int64_t cnt = std::min(TP, jb.L - f0);
+    const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
+    const float* xb = jb.x + b * jb.bs + f0;
+    for (int64_t j0 = 0; j0 < std::max<int64_t>(jb.kept, 1); j0 += jb.jblock) {
+      const int64_t q0 = j0 * jb.taps;
+      const int64_t nq = (std::min(jb.kept, j0 + jb.jblock) - j0) * jb.taps;
+      for (int64_t c0 = 0; c0 < jb.N; c0 += NC) {
+        const int64_t nc = std::min(NC, jb.N - c0), k0 = g * jb.N + c0;
+        float* out = direct ? jb.y + (b * jb.K + k0) * HoWo + f0 : buf + c0 * TP;
+        const int64_t ldo = direct ? HoWo : TP;
+        kPv[nc][std::min<int64_t>(vused, V)](xb, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
+                                             jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0);
+      }
     }
+    if (!direct)
+      for (int64_t c0 = 0; c0 < jb.N; c0 += NC)
+        pv_writeback(jb, buf + c0 * TP, TP, std::min(NC, jb.N - c0), g * jb.N + c0, b, f0, cnt);
   }
 }
 
@@ -607,44 +655,49 @@ static void ov_item(const Job& jb, int64_t mt, int64_t g, const int64_t* off) {
   const int64_t HoWo = jb.Ho * jb.Wo;
   const bool unit = jb.ld == 1;
   float* outp[16];
-  for (int64_t c0 = 0; c0 < jb.N; c0 += ov_nv() * W) {
-    const int64_t nv = std::min<int64_t>(ov_nv(), (jb.N - c0) / W);
-    const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
-    const float* bg = jb.bias ? jb.bias + g * jb.N + c0 : nullptr;
-    const int64_t k0 = g * jb.N + c0;
-    const auto& tab = nv == 2 ? (unit ? kOv2u : kOv2s) : (unit ? kOv1u : kOv1s);
-    for (int64_t tl = t_lo; tl < t_hi; ++tl) {
-      const int64_t b = tl / jb.ntile_img, i = tl % jb.ntile_img;
-      const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
-      const int64_t P = f1 - f0;
+  for (int64_t tl = t_lo; tl < t_hi; ++tl) {
+    const int64_t b = tl / jb.ntile_img, i = tl % jb.ntile_img;
+    const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
+    const int64_t P = f1 - f0;
+    const float* xb = jb.x + b * jb.bs + f0 * jb.ld;
+    for (int64_t c0 = 0; c0 < jb.N; c0 += ov_nv() * W) {
+      const int64_t nv = std::min<int64_t>(ov_nv(), (jb.N - c0) / W), k0 = g * jb.N + c0;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
         outp[p] = ow < jb.Wo ? jb.y + (b * HoWo + oh * jb.Wo + ow) * jb.K + k0 : nullptr;
       }
-      const float* xb = jb.x + b * jb.bs + f0 * jb.ld;
+      const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
+      const float* bg = jb.bias ? jb.bias + k0 : nullptr;
+      const auto& tab = nv == 2 ? (unit ? kOv2u : kOv2s) : (unit ? kOv1u : kOv1s);
       tab[P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp);
     }
   }
 }
 
-// Run this thread's share of the (macro tile x group) items.
+// Claim chunks of (macro tile x group) items until none are left.
 void run(const Job& jb, int tid, int nth) {
+  (void)tid;
+  (void)nth;
   const int64_t total = jb.n_mt * jb.G;
-  const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
-  std::vector<float> buf(jb.kind == Kind::PV ? pv_nc() * jb.tile + W : 0);
+  std::vector<float> buf(jb.kind == Kind::PV ? jb.N * jb.tile + W : 0);
   std::vector<int64_t> off(jb.kept * jb.taps + 1);
   int64_t g_filled = -1;
-  for (int64_t it = lo; it < hi; ++it) {
-    const int64_t mt = jb.g_outer ? it % jb.n_mt : it / jb.G;
-    const int64_t g = jb.g_outer ? it / jb.n_mt : it % jb.G;
-    if (g != g_filled) {
-      fill_offsets(jb, g, off.data());
-      g_filled = g;
+  for (;;) {
+    const int64_t lo = jb.next->fetch_add(1, std::memory_order_relaxed) * jb.chunk;
+    if (lo >= total) break;
+    const int64_t hi = std::min(total, lo + jb.chunk);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t mt = jb.g_outer ? it % jb.n_mt : it / jb.G;
+      const int64_t g = jb.g_outer ? it / jb.n_mt : it % jb.G;
+      if (g != g_filled) {
+        fill_offsets(jb, g, off.data());
+        g_filled = g;
+      }
+      if (jb.kind == Kind::PV)
+        pv_item(jb, mt, g, buf.data(), off.data());
+      else
+        ov_item(jb, mt, g, off.data());
     }
-    if (jb.kind == Kind::PV)
-      pv_item(jb, mt, g, buf.data(), off.data());
-    else
-      ov_item(jb, mt, g, off.data());
   }
 }
 

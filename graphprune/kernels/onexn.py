@@ -48,6 +48,8 @@ __all__ = [
     "Conv2d1xN",
     "Linear1xN",
     "time_ms",
+    "time_many",
+    "time_rounds",
     "faster_than_dense",
 ]
 
@@ -225,7 +227,8 @@ def conv2d_1xn_reference(
     """Pure-PyTorch 1xN conv2d: dense conv with the unpacked weight (same memory format as x)."""
     w = unpack_1xn(values, indices, n, x.shape[1], kernel_size).to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    y = F.conv2d(x, w, b, tuple(stride), tuple(padding), tuple(dilation))
+    # NCHW: oneDNN's channels_last conv crashes on some odd shapes (padding wider than the input)
+    y = F.conv2d(x.contiguous(), w, b, tuple(stride), tuple(padding), tuple(dilation))
     return _like_input(y, x)
 
 
@@ -368,6 +371,23 @@ linear_1xn.register_autograd(_linear_backward, setup_context=_linear_setup)
 # ---------------------------------------------------------------- modules
 
 
+def _eager_ext(x: Tensor, values: Tensor, bias: Tensor | None):
+    """The extension when a module may call it directly (skipping the custom-op dispatch, ~30 us).
+
+    Only for plain eager CPU float32 tensors with no autograd to record; under torch.compile,
+    torch.export, fx tracing or fake tensors the custom op runs instead.
+    """
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    if not values.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return None
+    return _cpp_for(x, values, bias)
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -469,6 +489,12 @@ class Conv2d1xN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        mod = _eager_ext(x, self.values, self.bias)
+        if mod is not None and x.dim() == 4 and self.indices.dtype == torch.int32:
+            return mod.conv2d_1xn(
+                x, self.values, self.indices, self.bias, *self.stride, *self.padding,
+                *self.dilation, self.n, *self.kernel_size,
+            )  # fmt: skip
         return torch.ops.graphprune.conv2d_1xn(
             x, self.values, self.indices, self.bias, list(self.stride), list(self.padding),
             list(self.dilation), self.n, list(self.kernel_size),
@@ -533,6 +559,9 @@ class Linear1xN(nn.Module):
         return unpack_1xn(self.values.detach(), self.indices, self.n, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        mod = _eager_ext(x, self.values, self.bias)
+        if mod is not None and x.dim() == 2 and self.indices.dtype == torch.int32:
+            return mod.linear_1xn(x, self.values, self.indices, self.bias, self.n)
         return torch.ops.graphprune.linear_1xn(x, self.values, self.indices, self.bias, self.n)
 
     def extra_repr(self) -> str:
@@ -547,41 +576,82 @@ class Linear1xN(nn.Module):
 
 def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> float:
     """Median wall time of ``fn()`` in milliseconds after ``warmup`` calls."""
+    return time_many([fn], warmup, repeats)[0]
+
+
+def time_rounds(
+    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 15
+) -> list[list[float]]:
+    """Wall times (ms) of each function over ``repeats`` rounds; every round runs each once.
+
+    Alternating the functions makes them all see the same machine load, so per-round ratios
+    stay meaningful on a shared machine.
+    """
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
-        times = []
+            for fn in fns:
+                fn()
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            for fn, ts in zip(fns, times):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def time_many(
+    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 15
+) -> list[float]:
+    """Median wall time (ms) of each function, timed in alternation (see ``time_rounds``)."""
+    return [statistics.median(ts) for ts in time_rounds(fns, warmup, repeats)]
+
+
+def _dense_module(
+    module_or_shape: nn.Module | Sequence[int], stride, padding, dilation
+) -> nn.Conv2d | nn.Linear:
+    """The module itself, or a random conv [K, C, R, S] / linear [K, C] of that weight shape."""
+    if isinstance(module_or_shape, nn.Module):
+        if not isinstance(module_or_shape, nn.Conv2d | nn.Linear):
+            raise TypeError(f"expected nn.Conv2d or nn.Linear, got {type(module_or_shape)}")
+        return module_or_shape
+    shape = tuple(int(v) for v in module_or_shape)
+    if len(shape) == 2:
+        return nn.Linear(shape[1], shape[0])
+    if len(shape) == 4:
+        return nn.Conv2d(shape[1], shape[0], shape[2:], stride, padding, dilation)
+    raise ValueError(f"weight shape must be [K, C] or [K, C, R, S], got {shape}")
 
 
 def faster_than_dense(
-    module: nn.Conv2d | nn.Linear,
+    module_or_shape: nn.Conv2d | nn.Linear | Sequence[int],
     x_shape: Sequence[int],
     n: int,
     sparsity: float,
     *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
     threads: int | None = None,
     margin: float = 1.0,
     repeats: int = 15,
 ) -> tuple[bool, float, float]:
-    """Time ``module`` dense vs as 1xN at ``sparsity`` on a random input of ``x_shape``.
+    """Time a layer dense vs as 1xN at ``sparsity`` on a random input of ``x_shape``.
 
-    Returns ``(sparse_ms * margin < dense_ms, sparse_ms, dense_ms)``; dense runs the module as
-    is (NCHW input). ``threads`` (default: current) is set for both timings and restored.
-    A sparsify pass can keep a layer dense when this is False.
+    ``module_or_shape`` is an ``nn.Conv2d`` / ``nn.Linear`` or a weight shape ``[K, C, R, S]``
+    (with ``stride``/``padding``/``dilation``) or ``[K, C]``. Dense runs the module as is on an
+    NCHW input. ``threads`` (default: current) is set for both timings and restored; the two are
+    timed in alternation. Returns ``(sparse_ms * margin < dense_ms, sparse_ms, dense_ms)``, so a
+    sparsify pass can keep a layer dense when sparse does not pay.
     """
+    module = _dense_module(module_or_shape, stride, padding, dilation)
     mask = mask_1xn(module.weight, n, sparsity)
     sparse = (Conv2d1xN if isinstance(module, nn.Conv2d) else Linear1xN).from_dense(module, mask, n)
     x = torch.randn(*x_shape, dtype=module.weight.dtype, device=module.weight.device)
     old = torch.get_num_threads()
     torch.set_num_threads(threads or old)
     try:
-        dense_ms = time_ms(lambda: module(x), repeats=repeats)
-        sparse_ms = time_ms(lambda: sparse(x), repeats=repeats)
+        dense_ms, sparse_ms = time_many([lambda: module(x), lambda: sparse(x)], repeats=repeats)
     finally:
         torch.set_num_threads(old)
     return sparse_ms * margin < dense_ms, sparse_ms, dense_ms

@@ -1,0 +1,232 @@
+"""Benchmark the 1xN block-sparse conv kernel against dense ``F.conv2d`` on ResNet-50 layers.
+
+For every layer, thread count (1 and 2), N and sparsity, prints the sparse time, the speedup over
+the faster dense baseline (NCHW input as users have it, or channels_last input and weight), and
+the effective GFLOP/s of the sparse kernel (kept FLOPs / time). Timings: warm-up, then the median
+of repeats, with ``torch.set_num_threads``. Inputs are NCHW (the sparse op returns NCHW).
+
+    python benchmarks/kernels_1xn.py            # full sweep (batch 1 and 8), ~10 minutes
+    python benchmarks/kernels_1xn.py --quick    # N=16 only, batch 1, a few layers
+    python benchmarks/kernels_1xn.py --write benchmarks/RESULTS_kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graphprune.kernels import onexn
+from graphprune.kernels.masks import mask_1xn
+
+__all__ = ["LAYERS", "Layer", "Row", "bench_layer", "main"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A conv layer shape: in/out channels, kernel, input size, stride."""
+
+    cin: int
+    cout: int
+    k: int
+    hw: int
+    stride: int = 1
+
+    @property
+    def name(self) -> str:
+        s = f"/s{self.stride}" if self.stride != 1 else ""
+        return f"{self.cin}->{self.cout} {self.k}x{self.k}@{self.hw}{s}"
+
+    def flops(self, batch: int) -> float:
+        ho = (self.hw + 2 * (self.k // 2) - self.k) // self.stride + 1
+        return 2.0 * batch * self.cin * self.cout * self.k * self.k * ho * ho
+
+
+LAYERS = [
+    Layer(64, 64, 3, 56),
+    Layer(256, 64, 1, 56),
+    Layer(64, 256, 1, 56),
+    Layer(128, 128, 3, 28),
+    Layer(512, 128, 1, 28),
+    Layer(256, 256, 3, 14),
+    Layer(1024, 256, 1, 14),
+    Layer(512, 512, 3, 7),
+    Layer(2048, 512, 1, 7),
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement."""
+
+    layer: str
+    batch: int
+    threads: int
+    n: int
+    sparsity: float
+    sparse_ms: float
+    dense_nchw_ms: float
+    dense_cl_ms: float
+    gflops: float
+    speedup: float  # median over rounds of (faster dense time / sparse time) in that round
+
+    @property
+    def dense_ms(self) -> float:
+        return min(self.dense_nchw_ms, self.dense_cl_ms)
+
+
+def bench_layer(layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int) -> list[Row]:
+    """Time one layer dense (NCHW and channels_last) and at every (N, sparsity), interleaved."""
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    conv = nn.Conv2d(layer.cin, layer.cout, layer.k, layer.stride, layer.k // 2)
+    x = torch.randn(batch, layer.cin, layer.hw, layer.hw)
+    w, b = conv.weight.detach(), conv.bias.detach()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    wc = w.contiguous(memory_format=torch.channels_last)
+    args = (conv.stride, conv.padding)
+    cases = [(n, sp) for n in ns for sp in sparsities]
+    mods = [onexn.Conv2d1xN.from_dense(conv, mask_1xn(w, n, sp), n) for n, sp in cases]
+    fns = [lambda: F.conv2d(x, w, b, *args), lambda: F.conv2d(xc, wc, b, *args)]
+    fns += [lambda m=m: m(x) for m in mods]
+    rounds = onexn.time_rounds(fns, repeats=repeats)
+    t_nchw, t_cl = statistics.median(rounds[0]), statistics.median(rounds[1])
+    dense = rounds[0] if t_nchw <= t_cl else rounds[1]
+    rows = []
+    for (n, sp), m, ts in zip(cases, mods, rounds[2:]):
+        t = statistics.median(ts)
+        ratio = statistics.median(d / s for d, s in zip(dense, ts))
+        gf = layer.flops(batch) * (m.kept / layer.cin) / t / 1e6
+        rows.append(Row(layer.name, batch, threads, n, sp, t, t_nchw, t_cl, gf, ratio))
+    return rows
+
+
+def _cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over ``interval`` seconds (from /proc/stat; 0.0 if unknown)."""
+    import time
+
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, busy: float = 0.15) -> bool:
+    """Wait up to ``max_wait`` s until other processes use < ``busy`` of the CPUs."""
+    import time
+
+    end = time.monotonic() + max_wait
+    while True:
+        if _cpu_busy() < busy:
+            return True
+        if time.monotonic() > end:
+            return False
+
+
+def machine_info() -> str:
+    """CPU model, core count, torch version and kernel ISA."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                      if ln.startswith("Model name")), platform.processor())  # fmt: skip
+    except OSError:
+        model = platform.processor()
+    import os
+
+    return (
+        f"- CPU: {model}, {os.cpu_count()} logical CPUs\n"
+        f"- torch {torch.__version__}, kernel ISA: {onexn.isa()}\n"
+        f"- dense baseline: the faster of F.conv2d on NCHW input and on channels_last "
+        f"input+weight (oneDNN), same thread count"
+    )
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table of all rows."""
+    head = (
+        "| layer | batch | thr | N | sparsity | sparse ms | dense ms (nchw / cl) | speedup "
+        "| sparse GFLOP/s |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {r.layer} | {r.batch} | {r.threads} | {r.n} | {r.sparsity:.3f} | {r.sparse_ms:.3f} "
+        f"| {r.dense_nchw_ms:.3f} / {r.dense_cl_ms:.3f} | {r.speedup:.2f}x | {r.gflops:.0f} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def summary(rows: list[Row]) -> str:
+    """Min / median speedup per (N, sparsity, kernel size, threads) against the bars."""
+    out = [
+        "| N | sparsity | kernel | thr | min speedup | median | bar |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({(r.n, r.sparsity, r.layer.split()[1][:3], r.threads, r.batch) for r in rows})
+    for n, sp, k, thr, b in keys:
+        sel = sorted(r.speedup for r in rows
+                     if (r.n, r.sparsity, r.layer.split()[1][:3], r.threads, r.batch)
+                     == (n, sp, k, thr, b))  # fmt: skip
+        bar = ""
+        if n == 16 and sp == 0.75:
+            bar = "3.0x" if k == "1x1" else "2.5x"
+        elif n == 16 and sp == 0.5:
+            bar = "1.6x"
+        out.append(f"| {n} | {sp} | {k} (b{b}) | {thr} | {sel[0]:.2f}x | "
+                   f"{sel[len(sel) // 2]:.2f}x | {bar} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sweep")
+    ap.add_argument("--write", default=None, help="write a markdown report to this path")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument(
+        "--wait-quiet", type=float, default=0.0,
+        help="before each layer wait up to this many seconds for the machine to be idle",
+    )  # fmt: skip
+    a = ap.parse_args(argv)
+    if not onexn.available():
+        raise SystemExit("the 1xN C++ kernel is not available; nothing to benchmark")
+    ns = (16,) if a.quick else (4, 8, 16, 32)
+    sps = (0.5, 0.75) if a.quick else (0.5, 0.75, 0.875)
+    layers = LAYERS[::2] if a.quick else LAYERS
+    batches = (1,) if a.quick else (1, 8)
+    old = torch.get_num_threads()
+    rows: list[Row] = []
+    for batch in batches:
+        for threads in (1, 2):
+            for layer in layers:
+                if a.wait_quiet and not wait_quiet(a.wait_quiet):
+                    print(f"warning: machine busy while timing {layer.name}", flush=True)
+                new = bench_layer(layer, batch, threads, ns, sps, a.repeats)
+                for r in new:
+                    print(f"{r.layer:22s} b{r.batch} t{r.threads} N={r.n:2d} s={r.sparsity:.3f} "
+                          f"sparse {r.sparse_ms:7.3f} ms  dense {r.dense_ms:7.3f} ms  "
+                          f"{r.speedup:5.2f}x  {r.gflops:5.0f} GFLOP/s", flush=True)  # fmt: skip
+                rows += new
+    torch.set_num_threads(old)
+    print(summary(rows))
+    if a.write:
+        with open(a.write, "w") as f:
+            f.write("# 1xN sparse conv kernel vs dense F.conv2d (ResNet-50 layers)\n\n")
+            f.write(machine_info() + "\n\n## Summary (speedup over the faster dense baseline)\n\n")
+            f.write(summary(rows) + "\n## All measurements\n\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()

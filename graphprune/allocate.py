@@ -1,0 +1,221 @@
+"""Cost-constrained allocation: how many channels each group keeps under a FLOPs/params/latency
+budget, solved globally by `solver` over exact per-layer costs of (kept in, kept out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import cost as C
+from .analysis import Analysis, ChannelGroup
+from .errors import PlanError
+from .plan import Flops, Latency, Params, repair_empty, select_top
+from .tmap import TMap
+
+__all__ = ["CostLayer", "cost_layers", "allocate", "group_choices", "layer_cost_fn"]
+
+aten = torch.ops.aten
+_CONV_FN = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
+            torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_LINEAR_FN = {aten.linear.default, torch._C._nn.linear}
+
+
+@dataclass(frozen=True)
+class CostLayer:
+    """A conv/linear node's cost inputs: its signature and how c_in / c_out follow the groups."""
+
+    node: str
+    sig: C.LayerSig
+    c_in: int
+    c_out: int
+    in_terms: tuple[tuple[int, int], ...]  # (group id, multiplicity)
+    in_const: int
+    out_group: int | None
+    out_mult: int  # output channels per kept class (depthwise channel multiplier)
+
+
+def _tup(v, n):
+    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * n
+
+
+def _sig(a: Analysis, node: fx.Node):
+    """(LayerSig, c_in, c_out, channel axis of the input) or None."""
+    x = node.args[0]
+    xs = tuple(x.meta["val"].shape)
+    if node.op == "call_module":
+        mod = a.graph.get_submodule(node.target)
+        if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) or getattr(
+            mod, "output_padding", (0,)
+        ) != (0,) * len(getattr(mod, "output_padding", (0,))):
+            return None
+        try:
+            sig, ci, co = C.sig_from_module(mod, xs)
+        except (TypeError, ValueError):
+            return None
+        return sig, ci, co, (len(xs) - 1 if isinstance(mod, nn.Linear) else 1)
+    w = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+    if w is None:
+        return None
+    has_bias = len(node.args) > 2 and node.args[2] is not None
+    if node.target in _LINEAR_FN:
+        spatial = (int(np.prod(xs[1:-1])),) if len(xs) > 2 else ()
+        sig = C.LayerSig("linear", spatial=spatial, batch=xs[0] if len(xs) > 1 else 1,
+                         bias=has_bias)
+        return sig, int(w.shape[1]), int(w.shape[0]), len(xs) - 1
+    nd = _CONV_FN.get(node.target)
+    if nd is None:
+        return None
+    stride, padding, dilation = (node.args[i] if len(node.args) > i else d
+                                 for i, d in ((3, 1), (4, 0), (5, 1)))
+    if isinstance(padding, str):
+        return None
+    g = node.args[6] if len(node.args) > 6 else 1
+    ci, co = int(xs[1]), int(w.shape[0])
+    groups = "1" if g == 1 else ("depthwise" if g == ci and co % ci == 0 else f"g={g}")
+    sig = C.LayerSig(f"conv{nd}d", kernel=tuple(w.shape[2:]), stride=_tup(stride, nd),
+                     padding=_tup(padding, nd), dilation=_tup(dilation, nd), groups=groups,
+                     spatial=xs[2:], batch=xs[0], bias=has_bias)
+    return sig, ci, co, 1
+
+
+def cost_layers(a: Analysis, frozen: set[int] = frozenset()) -> list[CostLayer]:
+    """Every conv/linear node with how its channel counts depend on the prunable groups."""
+    out = []
+    free = {g.id for g in a.groups if g.prunable and g.id not in frozen}
+    for node in a.graph.graph.nodes:
+        if node.op not in ("call_module", "call_function"):
+            continue
+        if node.op == "call_function" and node.target not in _CONV_FN and node.target not in _LINEAR_FN:
+            continue
+        got = _sig(a, node)
+        if got is None:
+            continue
+        sig, ci, co, cax = got
+        x_tm = a.tmaps.get(node.args[0].name)
+        in_terms, in_const = _terms(a, x_tm, cax, ci, free)
+        y_tm = a.tmaps.get(node.name)
+        out_terms, out_const = _terms(a, y_tm, y_tm.ndim - 1 if cax != 1 else 1, co, free)
+        out_group, out_mult = None, 1
+        if len(out_terms) == 1 and out_const == 0:
+            out_group, out_mult = out_terms[0]
+        out.append(CostLayer(node.name, sig, ci, co, tuple(in_terms), in_const, out_group,
+                             out_mult))
+    return out
+
+
+def _terms(a: Analysis, tm, axis: int, n: int, free: set[int]):
+    """Split an axis of n channels into (group, multiplicity) terms plus a constant."""
+    if not isinstance(tm, TMap):
+        return [], n
+    f = tm.factor_of(axis)
+    if f is None or len(f.axes) != 1:
+        return [], n
+    labs = a.labels[f.ids]
+    gids = a.class_group[labs]
+    terms, const = [], 0
+    for gid in np.unique(gids):
+        pos = int((gids == gid).sum())
+        g = a.groups[gid] if gid >= 0 else None
+        if g is None or gid not in free:
+            const += pos
+            continue
+        distinct = len(np.unique(labs[gids == gid]))
+        if distinct == g.size and pos % g.size == 0:
+            terms.append((int(gid), pos // g.size))
+        else:  # the layer sees part of the group: modelled as constant (never underestimates)
+            const += pos
+    return terms, const
+
+
+def group_choices(g: ChannelGroup, scores: np.ndarray, round_to: int, min_channels: int):
+    """Candidate kept counts (ascending) and the value (sum of kept scores) of each."""
+    if g.rows is not None:
+        r, c = g.rows.shape
+        per_row = np.sort(scores[g.rows], axis=1)[:, ::-1]
+        cum = np.cumsum(per_row, axis=1).sum(axis=0)  # value of keeping j+1 per row
+        cs = [j for j in range(1, c + 1) if (r * j) % max(round_to, 1) == 0 or j == c]
+        cs = [j for j in cs if r * j >= min_channels] or [c]
+        return [r * j for j in cs], [float(cum[j - 1]) for j in cs]
+    s = np.sort(scores)[::-1]
+    cum = np.cumsum(s)
+    step = max(round_to, 1)
+    ks = sorted({k for k in range(step, g.size + 1, step)} | {g.size})
+    ks = [k for k in ks if k >= min_channels] or [g.size]
+    return ks, [float(cum[k - 1]) for k in ks]
+
+
+def layer_cost_fn(target, table=None):
+    """cost(sig, c_in, c_out) for a target kind."""
+    if isinstance(target, Flops):
+        return lambda sig, ci, co: float(C.flops(sig, ci, co))
+    if isinstance(target, Params):
+        return lambda sig, ci, co: float(C.params(sig, ci, co))
+    if isinstance(target, Latency):
+        return lambda sig, ci, co: float(table.lookup(sig, ci, co))
+    raise PlanError(f"unsupported target {target!r}")
+
+
+def _table_for(a: Analysis, target: Latency, layers, round_to: int):
+    if target.table is not None:
+        return target.table
+    reqs = {}
+    for L in layers:
+        ci, co = reqs.get(L.sig, (0, 0))
+        reqs[L.sig] = (max(ci, L.c_in), max(co, L.c_out))
+    return C.LatencyTable.measure(reqs, round_to=max(round_to, 8))
+
+
+def allocate(a: Analysis, target, scores: dict, cfg, skip: set[int]):
+    """Solve the allocation; returns (keep dict, plan metadata)."""
+    from . import solver as S
+
+    layers = cost_layers(a, frozen=skip)
+    table = _table_for(a, target, layers, cfg.round_to) if isinstance(target, Latency) else None
+    fn = layer_cost_fn(target, table)
+    free = sorted({gid for L in layers for gid, _ in L.in_terms} |
+                  {L.out_group for L in layers if L.out_group is not None})
+    index = {gid: i for i, gid in enumerate(free)}
+    groups = []
+    for gid in free:
+        ks, vs = group_choices(a.groups[gid], scores[gid], cfg.round_to, cfg.min_channels)
+        groups.append(S.AllocGroup(str(gid), tuple(ks), tuple(vs)))
+    alloc_layers, const_cost, full_cost = [], 0.0, 0.0
+    for L in layers:
+        full = fn(L.sig, L.c_in, L.c_out)
+        full_cost += full
+        if not L.in_terms and L.out_group is None:
+            const_cost += full
+            continue
+
+        def cost(ci, co, L=L):
+            return fn(L.sig, int(ci), int(co) * L.out_mult)
+
+        alloc_layers.append(S.AllocLayer(
+            L.node, tuple((index[g], m) for g, m in L.in_terms), L.in_const,
+            None if L.out_group is None else index[L.out_group],
+            L.c_out if L.out_group is None else 0, cost))
+    budget = float(target.fraction) * full_cost
+    prob = S.AllocProblem(tuple(groups), tuple(alloc_layers), budget, const_cost)
+    try:
+        sol = S.solve(prob, time_limit=cfg.time_limit)
+    except S.InfeasibleBudget as e:
+        raise PlanError(f"{target!r} cannot be met: {e}") from None
+    keep = {}
+    for gid, k in zip(free, sol.kept):
+        g = a.groups[gid]
+        if k < g.size:
+            sel = select_top(g, scores[gid], k)
+            keep[gid] = sel if g.rows is not None else repair_empty(a, g, sel, scores[gid])
+    meta = {
+        "target": repr(target), "importance": str(cfg.importance), "solver_status": sol.status,
+        "proven_gap": float(sol.gap), "solve_seconds": round(float(sol.seconds), 3),
+        "budget": budget, "predicted_cost": float(sol.cost), "full_cost": full_cost,
+        "predicted_fraction": float(sol.cost) / full_cost if full_cost else 1.0,
+        "heuristic_value": float(sol.heuristic_value), "value": float(sol.value),
+        "layers": len(alloc_layers), "groups": len(groups),
+    }
+    return keep, meta

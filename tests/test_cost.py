@@ -1,0 +1,385 @@
+"""Tests of graphprune.cost: analytic costs, latency tables, op overheads, model composition."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from graphprune import cost
+from graphprune.cost import (
+    LatencyTable,
+    LatencyTableMismatch,
+    LayerSig,
+    activation_bytes,
+    estimate_model_latency,
+    flops,
+    macs,
+    measure_latency,
+    model_cost_items,
+    output_spatial,
+    params,
+    sig_from_module,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Analytic costs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_conv_macs_by_hand():
+    # 3x3 conv, stride 2, pad 1, 56x56 -> 28x28, 64 -> 128, batch 2
+    sig = LayerSig("conv2d", (3, 3), (2, 2), (1, 1), spatial=(56, 56), batch=2, bias=True)
+    assert output_spatial(sig) == (28, 28)
+    assert macs(sig, 64, 128) == 2 * 28 * 28 * 128 * 64 * 9
+    assert flops(sig, 64, 128) == 2 * macs(sig, 64, 128)
+    assert params(sig, 64, 128) == 128 * 64 * 9 + 128
+
+
+def test_dilated_and_unpadded_output_size():
+    sig = LayerSig("conv2d", (3, 5), (1, 2), (0, 1), (2, 1), spatial=(20, 21))
+    # H: (20 - 2*2 - 1)//1 + 1 = 16 ; W: (21 + 2 - 4 - 1)//2 + 1 = 10
+    assert output_spatial(sig) == (16, 10)
+    assert macs(sig, 4, 6) == 16 * 10 * 6 * 4 * 15
+
+
+def test_depthwise_and_grouped_by_hand():
+    dw = LayerSig("conv2d", (3, 3), padding=(1, 1), groups="depthwise", spatial=(14, 14))
+    assert macs(dw, 32, 32) == 14 * 14 * 32 * 9
+    assert params(dw, 32, 32) == 32 * 9 + 32
+    assert macs(dw, 32, 64) == 14 * 14 * 64 * 9  # channel multiplier 2
+    g = LayerSig("conv2d", (3, 3), padding=(1, 1), groups="g=4", spatial=(14, 14), bias=False)
+    assert macs(g, 64, 128) == 14 * 14 * 128 * 16 * 9
+    assert params(g, 64, 128) == 128 * 16 * 9
+    with pytest.raises(ValueError):
+        macs(g, 62, 128)
+
+
+def test_linear_and_matmul_by_hand():
+    lin = LayerSig("linear", spatial=(197,), batch=4)
+    assert macs(lin, 768, 3072) == 4 * 197 * 768 * 3072
+    assert params(lin, 768, 3072) == 768 * 3072 + 3072
+    mm = LayerSig("matmul", spatial=(197,), batch=48)
+    assert macs(mm, 64, 197) == 48 * 197 * 64 * 197
+    assert params(mm, 64, 197) == 0
+    assert activation_bytes(lin, 768, 3072) == 4 * 197 * 3072 * 4
+
+
+def test_sig_normalisation_and_validation():
+    a = LayerSig("conv2d", kernel=(3,), spatial=(8, 8), groups=1)
+    b = LayerSig("conv2d", kernel=[3, 3], stride=(1, 1), padding=(0, 0), spatial=[8, 8])
+    assert a == b and hash(a) == hash(b)
+    assert LayerSig("conv2d", kernel=(1,), spatial=(4, 4), groups="g=1").groups == "1"
+    assert LayerSig.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    for bad in (
+        dict(op="conv9d"),
+        dict(op="conv2d", spatial=(8, 8)),  # no kernel
+        dict(op="conv2d", kernel=(3, 3), spatial=(8,)),
+        dict(op="linear", kernel=(3,)),
+        dict(op="conv2d", kernel=(3, 3), spatial=(8, 8), groups="two"),
+    ):
+        with pytest.raises(ValueError):
+            LayerSig(**bad)
+
+
+MODULES = [
+    (nn.Conv2d(16, 32, 3, stride=2, padding=1), (2, 16, 15, 17)),
+    (nn.Conv2d(16, 32, 3, padding=2, dilation=2, bias=False), (1, 16, 12, 12)),
+    (nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 10, 10)),  # depthwise
+    (nn.Conv2d(16, 48, 5, padding=2, groups=16), (1, 16, 9, 9)),  # depthwise x3
+    (nn.Conv2d(32, 64, 3, groups=4), (3, 32, 11, 11)),  # grouped
+    (nn.Conv2d(8, 8, 3, padding="same"), (1, 8, 7, 7)),
+    (nn.Conv1d(12, 24, 5, stride=2, padding=1), (2, 12, 40)),
+    (nn.Conv3d(4, 8, 3, padding=1), (1, 4, 5, 6, 7)),
+    (nn.ConvTranspose2d(8, 12, 3, stride=2, padding=1, groups=4), (2, 8, 5, 5)),
+    (nn.Linear(64, 10), (5, 64)),
+    (nn.Linear(64, 96, bias=False), (2, 7, 9, 64)),
+]
+
+
+@pytest.mark.parametrize("module,shape", MODULES, ids=lambda v: type(v).__name__)
+def test_costs_match_real_modules(module, shape):
+    """params == the module's parameter count; flops == torch's FlopCounterMode; the output
+    spatial size matches the module's output."""
+    sig, ci, co = sig_from_module(module, shape)
+    assert params(sig, ci, co) == sum(p.numel() for p in module.parameters())
+    x = torch.randn(shape)
+    with FlopCounterMode(display=False) as fc:
+        y = module(x)
+    assert flops(sig, ci, co) == fc.get_total_flops()
+    if sig.op.startswith("conv"):
+        assert tuple(y.shape[2:]) == output_spatial(sig)
+    assert activation_bytes(sig, ci, co) == y.numel() * y.element_size()
+
+
+def test_layer_op_runs_every_supported_op():
+    for module, shape in MODULES:
+        sig, ci, co = sig_from_module(module, shape)
+        fn, args = cost.layer_op(sig, ci, co)
+        out = fn(*args)
+        assert out.shape[-1] == co or out.shape[1] == co
+    mm = LayerSig("matmul", spatial=(10,), batch=3)
+    fn, args = cost.layer_op(mm, 8, 12)
+    assert fn(*args).shape == (3, 10, 12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latency tables (a deterministic fake timer keeps these fast and exact)
+# ----------------------------------------------------------------------------------------------
+
+
+class FakeTimer:
+    """Latency = 0.01 + MACs/1e7 ms, with a +20% staircase on counts that are not multiples of 16;
+    counts calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, sig, ci, co):
+        self.calls.append((sig, ci, co))
+        stair = (1.2 if ci % 16 else 1.0) * (1.2 if co % 16 else 1.0)
+        return 0.01 + stair * macs(sig, ci, co) / 1e7
+
+
+SIG = LayerSig("conv2d", (3, 3), padding=(1, 1), spatial=(8, 8), bias=False)
+
+
+def fake_table(sigs=((SIG, 32, 48),), **kw):
+    timer = FakeTimer()
+    kw.setdefault("overheads", False)
+    table = LatencyTable.measure(list(sigs), progress=False, timer=timer, **kw)
+    return table, timer
+
+
+def test_full_grid_exact_at_grid_points():
+    table, timer = fake_table(strategy="full")
+    assert len(timer.calls) == 4 * 6
+    for _, ci, co in list(timer.calls):
+        assert table.lookup(SIG, ci, co) == pytest.approx(timer(SIG, ci, co), rel=1e-12)
+
+
+def test_interpolation_monotone_between_grid_points():
+    table, timer = fake_table(strategy="full")
+    for ci0, ci1 in [(8, 16), (16, 24), (24, 32)]:
+        for co in (8, 20, 48):
+            lo, hi = sorted((table.lookup(SIG, ci0, co), table.lookup(SIG, ci1, co)))
+            vals = [table.lookup(SIG, c, co) for c in range(ci0, ci1 + 1)]
+            assert all(lo - 1e-12 <= v <= hi + 1e-12 for v in vals)
+            assert np.all(np.diff(vals) >= -1e-12) or np.all(np.diff(vals) <= 1e-12)
+    # bilinear: midpoint of a cell is the mean of its corners
+    corners = [table.lookup(SIG, a, b) for a in (8, 16) for b in (8, 16)]
+    assert table.lookup(SIG, 12, 12) == pytest.approx(sum(corners) / 4)
+
+
+def test_lookup_grid_vectorised_and_range_checks():
+    table, _ = fake_table(strategy="full")
+    m = table.lookup_grid(SIG, [8, 20, 32], [8, 48])
+    assert m.shape == (3, 2)
+    assert m[1, 1] == pytest.approx(table.lookup(SIG, 20, 48))
+    assert table.lookup(SIG, 4, 8) == table.lookup(SIG, 8, 8)  # below the grid: clamped
+    with pytest.raises(ValueError):
+        table.lookup(SIG, 40, 8)
+    with pytest.raises(KeyError):
+        table.lookup(LayerSig("linear"), 8, 8)
+
+
+def test_separable_exact_on_measured_points_and_close_elsewhere():
+    sig = LayerSig("conv2d", (1, 1), spatial=(7, 7), bias=False)
+    table, timer = fake_table([(sig, 512, 256)], strategy="separable", coarse=5)
+    d = table.describe(sig)
+    assert d["mode"] == "separable"
+    assert d["points"] == len(timer.calls) < (512 // 8) * (256 // 8) / 4
+    for _, ci, co in list(timer.calls):
+        assert table.lookup(sig, ci, co) == pytest.approx(timer(sig, ci, co), rel=1e-9)
+    # the fake latency is separable up to its constant: held-out error stays small
+    rng = np.random.default_rng(0)
+    errs = []
+    for ci, co in zip(rng.integers(1, 64, 50) * 8, rng.integers(1, 32, 50) * 8):
+        truth = timer(sig, int(ci), int(co))
+        errs.append(abs(table.lookup(sig, int(ci), int(co)) - truth) / truth)
+    assert max(errs) < 0.1
+    coarse_only = table.lookup_grid(sig, [200], [200], correct=False)[0, 0]
+    assert coarse_only != table.lookup(sig, 200, 200)
+
+
+def test_auto_strategy_picks_full_for_small_tables():
+    table, _ = fake_table()
+    assert table.describe(SIG)["mode"] == "full"
+    sig = LayerSig("conv2d", (1, 1), spatial=(7, 7), bias=False)
+    table, _ = fake_table([(sig, 512, 512)])
+    assert table.describe(sig)["mode"] == "separable"
+
+
+def test_depthwise_and_grouped_axes():
+    dw = LayerSig("conv2d", (3, 3), padding=(1, 1), groups="depthwise", spatial=(8, 8))
+    grp = LayerSig("conv2d", (3, 3), padding=(1, 1), groups="g=8", spatial=(8, 8))
+    table, timer = fake_table([(dw, 32, 64), (grp, 64, 64)], round_to=8)
+    dw_calls = [(ci, co) for s, ci, co in timer.calls if s == dw]
+    assert dw_calls and all(co == 2 * ci for ci, co in dw_calls)
+    assert table.lookup(dw, 16, 32) == pytest.approx(timer(dw, 16, 32))
+    assert all(ci % 8 == 0 and co % 8 == 0 for s, ci, co in timer.calls if s == grp)
+
+
+def test_identical_signatures_measured_once():
+    twin = LayerSig("conv2d", kernel=(3,), padding=(1,), spatial=(8, 8), bias=False)  # == SIG
+    _, once = fake_table([(SIG, 32, 48)])
+    _, twice = fake_table([(SIG, 32, 48), (twin, 32, 48), (SIG, 16, 16)])
+    assert len(twice.calls) == len(once.calls)
+    assert len(set(twice.calls)) == len(twice.calls)
+    # union of ranges: (48, 16) and (16, 48) give a 48 x 48 table
+    table, _ = fake_table([(SIG, 48, 16), (SIG, 16, 48)])
+    assert table.describe(SIG)["c_in_max"] == 48 and table.describe(SIG)["c_out_max"] == 48
+
+
+def test_add_measures_only_missing():
+    table, timer = fake_table()
+    other = LayerSig("linear", spatial=(4,))
+    timer2 = FakeTimer()
+    assert table.add([(SIG, 32, 48), (other, 16, 16)], progress=False, timer=timer2) == 1
+    assert {s for s, _, _ in timer2.calls} == {other}
+
+
+def test_save_load_roundtrip(tmp_path):
+    sig2 = LayerSig("conv2d", (1, 1), spatial=(7, 7), bias=False)
+    table, _ = fake_table([(SIG, 32, 48), (sig2, 256, 128)])
+    table.overheads = {"relu": {"bytes": [0.0, 100.0], "ms": [0.001, 0.002]}}
+    path = tmp_path / "t.json"
+    table.save(path)
+    data = json.loads(path.read_text())
+    assert list(data)[:2] == ["format", "key"]
+    assert set(data["key"]) == {"device", "torch", "threads", "dtype"}
+    loaded = LatencyTable.load(path, expect=None)
+    assert loaded.key == table.key and set(loaded.sigs) == set(table.sigs)
+    for sig in table.sigs:
+        ci = np.arange(1, table.describe(sig)["c_in_max"] + 1)
+        co = np.arange(1, table.describe(sig)["c_out_max"] + 1)
+        assert np.array_equal(loaded.lookup_grid(sig, ci, co), table.lookup_grid(sig, ci, co))
+    assert loaded.overhead("relu", 50) == table.overhead("relu", 50) == pytest.approx(0.0015)
+
+
+def test_key_mismatch_detected(tmp_path):
+    table, _ = fake_table()
+    path = tmp_path / "t.json"
+    table.save(path)
+    LatencyTable.load(path)  # same machine, same threads: fine
+    data = json.loads(path.read_text())
+    data["key"]["device"] = "NVIDIA TITAN V"
+    data["key"]["threads"] = 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(LatencyTableMismatch, match="device.*TITAN V"):
+        LatencyTable.load(path)
+    with pytest.warns(UserWarning, match="threads"):
+        LatencyTable.load(path, on_mismatch="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LatencyTable.load(path, expect=None)
+    with pytest.raises(LatencyTableMismatch):
+        table.check_key({"dtype": "float16"})
+
+
+def test_mixed_dtype_or_device_rejected():
+    half = LayerSig("linear", dtype="float16")
+    with pytest.raises(ValueError, match="dtype"):
+        fake_table([(SIG, 8, 8), (half, 8, 8)])
+
+
+def test_cache_dir_and_cached_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "env"))
+    assert cost.cache_dir() == tmp_path / "env"
+    monkeypatch.setattr(cost, "CACHE_DIR", tmp_path / "opt")
+    assert cost.cache_dir() == tmp_path / "opt"
+    timer = FakeTimer()
+    kw = dict(progress=False, timer=timer, overheads=False)
+    t1 = LatencyTable.cached([(SIG, 16, 16)], **kw)
+    n1 = len(timer.calls)
+    files = list((tmp_path / "opt").glob("*.json"))
+    assert len(files) == 1 and n1 > 0
+    t2 = LatencyTable.cached([(SIG, 16, 16)], **kw)  # all cached: no new calls
+    assert len(timer.calls) == n1 and t2.lookup(SIG, 16, 16) == t1.lookup(SIG, 16, 16)
+    LatencyTable.cached([(SIG, 16, 16), (SIG, 24, 16)], **kw)  # range grows: re-measured
+    assert len(timer.calls) > n1
+    assert LatencyTable.load(files[0]).describe(SIG)["c_in_max"] == 24
+
+
+# ----------------------------------------------------------------------------------------------
+# Real measurements (tiny)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_measure_latency_fixed_threads_and_restores():
+    before = torch.get_num_threads()
+    seen = []
+
+    def fn(x):
+        seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return x * 2
+
+    med, iqr = measure_latency(fn, torch.ones(4), warmup=1, repeats=5, threads=1)
+    assert med > 0 and iqr >= 0
+    assert set(seen) == {(1, True)}
+    assert torch.get_num_threads() == before
+
+
+def test_real_tiny_table_and_overheads():
+    sig = LayerSig("conv2d", (3, 3), padding=(1, 1), spatial=(8, 8))
+    table = LatencyTable.measure(
+        [(sig, 16, 16)], progress=False, repeats=3, warmup=1, overheads=False, threads=1
+    )
+    assert table.key["threads"] == 1 and table.key["torch"] == torch.__version__
+    assert 0 < table.lookup(sig, 8, 8) < 100
+    table.measure_overheads(max_numel=2**11, repeats=3, warmup=1, progress=False)
+    assert set(cost.OVERHEAD_KINDS) <= set(table.overheads)
+    small, large = table.overhead("relu", 1024), table.overhead("relu", 1e9)
+    assert 0 <= small < large  # linear extrapolation above the measured sizes
+
+
+def test_estimate_model_latency_composes_layers_and_overheads():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    x = torch.randn(1, 3, 8, 8)
+    items = model_cost_items(model, x)
+    assert [it.kind for it in items] == [
+        "layer",
+        "batch_norm",
+        "relu",
+        "avg_pool2d",
+        "free",
+        "layer",
+    ]
+    assert items[1].nbytes == 8 * 64 * 4
+    sigs = [(it.sig, it.c_in, it.c_out) for it in items if it.kind == "layer"]
+    table, timer = fake_table(sigs)
+    table.overheads = {k: {"bytes": [0.0, 1e6], "ms": [0.0, 1.0]} for k in cost.OVERHEAD_KINDS}
+    table.overheads["module_call"] = {"bytes": [0.0], "ms": [0.5]}
+    total, items = estimate_model_latency(model, x, table)
+    layers = timer(items[0].sig, 3, 8) + timer(items[-1].sig, 8, 4)
+    ovh = 3 * (8 * 64 * 4) / 1e6  # bn, relu and pool each read 8x8x8 floats
+    assert total == pytest.approx(layers + ovh + 7 * 0.5)  # 7 module calls incl. the Sequential
+    assert math.isfinite(total)
+
+
+def test_isolated_spikes_are_remeasured():
+    """A burst of machine load on one point (10x) is caught by its neighbours and re-measured."""
+    fake = FakeTimer()
+    hit = {(16, 24): 2}  # the first two measurements of this point are slow
+
+    def timer(sig, ci, co):
+        slow = hit.get((ci, co), 0)
+        hit[(ci, co)] = max(slow - 1, 0)
+        return fake(sig, ci, co) * (10 if slow else 1)
+
+    table = LatencyTable.measure([(SIG, 32, 48)], progress=False, timer=timer, overheads=False)
+    assert table.lookup(SIG, 16, 24) == pytest.approx(fake(SIG, 16, 24))
+    assert table.describe(SIG)["remeasured"] == 2

@@ -1,0 +1,321 @@
+"""1xN block-sparse conv/linear: C++ kernel and reference equal the dense masked op; modules
+trace, compile, export, pickle and train."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from graphprune.kernels import onexn
+from graphprune.kernels.masks import is_1xn, mask_1xn
+
+CPP = onexn.available()
+PATHS = ["cpp", "cpp-avx2", "reference"]
+SETTINGS = settings(max_examples=50, deadline=None)
+
+
+def _run_path(path: str, fn):
+    """Run fn() on the C++ kernel (default ISA or AVX2) or on the reference path."""
+    if path == "reference":
+        with onexn.use_reference():
+            return fn()
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    if path == "cpp-avx2":
+        with onexn.use_isa("avx2"):
+            return fn()
+    return fn()
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, k, bias=bias, **kw)
+    mask = mask_1xn(conv.weight, n, sp)
+    return conv, mask, onexn.Conv2d1xN.from_dense(conv, mask, n)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(
+    batch=st.integers(1, 3),
+    c=st.integers(1, 20),
+    n=st.sampled_from([4, 8, 16, 32]),
+    groups=st.integers(1, 3),
+    hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
+    ks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.75, 0.9]),
+    bias=st.booleans(),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_conv_matches_dense_masked(
+    path, batch, c, n, groups, hw, ks, stride, padding, dilation, sparsity, bias,
+    channels_last, seed,
+):  # fmt: skip
+    """conv2d_1xn == F.conv2d with the masked dense weight (rel. err < 1e-5), same layout."""
+    out_hw = [(hw[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1
+              for i in range(2)]  # fmt: skip
+    assume(min(out_hw) >= 1)
+    conv, mask, sp = _sparse_conv(
+        c, n * groups, n, sparsity, seed, bias=bias, kernel_size=ks, stride=stride,
+        padding=padding, dilation=dilation,
+    )  # fmt: skip
+    x = torch.randn(batch, c, *hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        # float64 NCHW reference: oneDNN's fp32 channels_last conv crashes on some odd shapes
+        w64, b64 = (conv.weight * mask).double(), None if conv.bias is None else conv.bias.double()
+        ref = F.conv2d(x.double().contiguous(), w64, b64, stride, padding, dilation).float()
+        y = _run_path(path, lambda: sp(x))
+    assert y.shape == ref.shape
+    assert _rel_err(y, ref) < 1e-5
+    if channels_last and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@SETTINGS
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+    c=st.integers(1, 40),
+    n=st.sampled_from([4, 8, 16, 32]),
+    groups=st.integers(1, 3),
+    sparsity=st.sampled_from([0.0, 0.5, 0.75, 0.9]),
+    bias=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, seed):
+    """linear_1xn == F.linear with the masked dense weight over any leading dims."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(c, n * groups, bias=bias)
+    mask = mask_1xn(lin.weight, n, sparsity)
+    sp = onexn.Linear1xN.from_dense(lin, mask, n)
+    x = torch.randn(*lead, c)
+    with torch.no_grad():
+        ref = F.linear(x, lin.weight * mask, lin.bias)
+        y = _run_path(path, lambda: sp(x))
+        y_op = _run_path(
+            path, lambda: torch.ops.graphprune.linear_1xn(x, sp.values, sp.indices, sp.bias, n)
+        )
+    assert y.shape == ref.shape and _rel_err(y, ref) < 1e-5
+    assert torch.equal(y, y_op)
+
+
+@pytest.mark.parametrize(
+    "c,k,hw,ks,stride,pad", [(64, 64, 56, 3, 1, 1), (256, 64, 28, 1, 1, 0), (96, 128, 15, 3, 2, 1)]
+)
+def test_conv_realistic_shapes(c, k, hw, ks, stride, pad):
+    """ResNet-like shapes (large tiles, several macro tiles, 2 threads) match the dense op."""
+    _, mask, sp = _sparse_conv(c, k, 16, 0.75, 0, kernel_size=ks, stride=stride, padding=pad)
+    conv_w = sp.to_dense()
+    x = torch.randn(2, c, hw, hw)
+    ref = F.conv2d(x, conv_w, sp.bias, stride, pad)
+    with torch.no_grad():
+        for path in ("cpp", "reference"):
+            assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
+
+
+def test_float64_and_no_cpp_env_use_reference(monkeypatch):
+    """Non-fp32 inputs and GRAPHPRUNE_NO_CPP=1 run the reference path with the same numbers."""
+    conv, mask, sp = _sparse_conv(8, 16, 8, 0.5, 1, kernel_size=3, padding=1)
+    x = torch.randn(1, 8, 7, 7)
+    with torch.no_grad():
+        y = sp(x)
+        y64 = sp.double()(x.double())
+        ref64 = F.conv2d(x.double(), conv.weight.double() * mask, conv.bias.double(), 1, 1)
+        assert (y64 - ref64).abs().max() < 1e-12
+        monkeypatch.setenv("GRAPHPRUNE_NO_CPP", "1")
+        y_ref = sp.float()(x)
+    assert _rel_err(y_ref, y) < 1e-5
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    """A failing C++ build warns once and the ops still work through the reference path."""
+    state = (onexn._EXT.tried, onexn._EXT.module)
+
+    def boom():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(onexn, "_build", boom)
+    onexn._EXT.tried, onexn._EXT.module = False, None
+    try:
+        with pytest.warns(RuntimeWarning, match="no compiler here"):
+            assert not onexn.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not onexn.available()
+            _, mask, sp = _sparse_conv(4, 8, 4, 0.5, 0, kernel_size=1)
+            x = torch.randn(1, 4, 3, 3)
+            with torch.no_grad():
+                assert _rel_err(sp(x), F.conv2d(x, sp.to_dense(), sp.bias)) < 1e-5
+    finally:
+        onexn._EXT.tried, onexn._EXT.module = state
+
+
+def test_module_round_trips():
+    """to_dense equals the masked weight; pickle, deepcopy and state_dict round-trip."""
+    conv, mask, sp = _sparse_conv(12, 32, 16, 0.5, 3, kernel_size=3, padding=1)
+    assert torch.equal(sp.to_dense(), (conv.weight * mask).detach())
+    assert is_1xn(sp.to_dense() != 0, 16)
+    x = torch.randn(2, 12, 6, 6)
+    with torch.no_grad():
+        y = sp(x)
+        for other in (pickle.loads(pickle.dumps(sp)), copy.deepcopy(sp)):
+            assert torch.equal(other(x), y)
+        buf = io.BytesIO()
+        torch.save(sp.state_dict(), buf)
+        fresh = onexn.Conv2d1xN(12, 32, 3, 16, sp.kept, padding=1)
+        fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+        assert torch.equal(fresh(x), y)
+    lin = nn.Linear(20, 8)
+    sl = onexn.Linear1xN.from_dense(lin, mask_1xn(lin.weight, 4, 0.5), 4)
+    assert torch.equal(sl.to_dense(), (lin.weight * mask_1xn(lin.weight, 4, 0.5)).detach())
+    assert "kept=10" in repr(sl) and "kept=6" in repr(sp)
+
+
+def test_from_dense_errors():
+    """Bad masks and unsupported convs raise ValueError naming the problem."""
+    conv = nn.Conv2d(8, 16, 3)
+    bad = mask_1xn(conv.weight, 8, 0.5)
+    bad[0, :, 0, 0] = ~bad[0, :, 0, 0]
+    with pytest.raises(ValueError, match="not a uniform 1x8"):
+        onexn.Conv2d1xN.from_dense(conv, bad, 8)
+    with pytest.raises(ValueError, match="groups=2"):
+        g = nn.Conv2d(8, 16, 3, groups=2)
+        onexn.Conv2d1xN.from_dense(g, torch.ones_like(g.weight, dtype=torch.bool), 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        onexn.Conv2d1xN(8, 12, 3, 8, 4)
+    same = nn.Conv2d(8, 16, 3, padding="same")
+    sp = onexn.Conv2d1xN.from_dense(same, mask_1xn(same.weight, 8, 0.5), 8)
+    assert sp.padding == (1, 1)
+
+
+class _Net(nn.Module):
+    """Conv1xN -> relu -> Conv1xN (stride 2) -> pool -> Linear1xN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        c1, c2, fc = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 32, 3, 2, 1), nn.Linear(32, 16)
+        self.c1 = onexn.Conv2d1xN.from_dense(c1, mask_1xn(c1.weight, 8, 0.5), 8)
+        self.c2 = onexn.Conv2d1xN.from_dense(c2, mask_1xn(c2.weight, 16, 0.75), 16)
+        self.fc = onexn.Linear1xN.from_dense(fc, mask_1xn(fc.weight, 16, 0.5), 16)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = self.c2(x).mean(dim=(2, 3))
+        return self.fc(x)
+
+
+def test_fx_symbolic_trace():
+    """symbolic_trace records the custom ops and the traced module matches eager."""
+    net = _Net().eval()
+    gm = torch.fx.symbolic_trace(net)
+    targets = {str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function"}
+    assert any("conv2d_1xn" in t for t in targets) and any("linear_1xn" in t for t in targets)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fake_matches_real_layout():
+    """register_fake gives the same shape and strides as the kernel (NCHW and channels_last)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sp = _sparse_conv(8, 16, 8, 0.5, 0, kernel_size=3, stride=2, padding=1)[2]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 9, 9).contiguous(memory_format=fmt)
+        args = (sp.values, sp.indices, sp.bias, [2, 2], [1, 1], [1, 1], 8, [3, 3])
+        with torch.no_grad():
+            real = torch.ops.graphprune.conv2d_1xn(x, *args)
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(x)
+            fargs = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = torch.ops.graphprune.conv2d_1xn(fx, *fargs)
+        assert fake.shape == real.shape and fake.stride() == real.stride()
+
+
+def test_torch_compile_aot_eager():
+    """torch.compile(backend='aot_eager') runs the custom ops and matches eager."""
+    net = _Net().eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ref = net(x)
+        out = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_inductor():
+    """torch.compile with inductor (the default backend) matches eager.
+
+    The model has no pointwise ops, so inductor emits only extern calls (fast to compile).
+    """
+    net = nn.Sequential(_Net().c1, nn.Flatten(), onexn.Linear1xN(8 * 81, 16, 16, 100)).eval()
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        ref = net(x)
+        out = torch.compile(net, fullgraph=True)(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export():
+    """torch.export.export traces through the ops; the exported program matches eager."""
+    net = _Net().eval()
+    x = torch.randn(2, 8, 9, 9)
+    ep = torch.export.export(net, (x,))
+    assert "graphprune.conv2d_1xn" in str(ep.graph)
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_matches_dense_masked():
+    """Gradients of x, values and bias equal those of the dense masked op."""
+    conv, mask, sp = _sparse_conv(6, 16, 8, 0.5, 2, kernel_size=3, stride=2, padding=1)
+    lin = nn.Linear(16, 8)
+    lmask = mask_1xn(lin.weight, 8, 0.5)
+    sl = onexn.Linear1xN.from_dense(lin, lmask, 8)
+    x = torch.randn(2, 6, 7, 7, requires_grad=True)
+    sl(sp(x).mean(dim=(2, 3))).square().sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    wd = (conv.weight * mask).detach().requires_grad_(True)
+    lw = (lin.weight * lmask).detach().requires_grad_(True)
+    hidden = F.conv2d(xd, wd, conv.bias, 2, 1).mean(dim=(2, 3))
+    F.linear(hidden, lw, lin.bias).square().sum().backward()
+    assert torch.allclose(x.grad, xd.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(sp.to_dense(), wd.detach())
+    packed = onexn.pack_1xn(wd.grad, sp.indices, 8)
+    assert torch.allclose(sp.values.grad, packed, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(sl.values.grad, onexn.pack_1xn(lw.grad, sl.indices, 8), atol=1e-5)
+
+
+def test_faster_than_dense_smoke():
+    """faster_than_dense returns (bool, sparse_ms, dense_ms) with positive times."""
+    fast, s_ms, d_ms = onexn.faster_than_dense(
+        nn.Conv2d(32, 32, 1), (1, 32, 8, 8), 16, 0.75, threads=1, repeats=3
+    )
+    assert isinstance(fast, bool) and s_ms > 0 and d_ms > 0
+    fast, s_ms, d_ms = onexn.faster_than_dense(
+        (32, 16, 3, 3), (1, 16, 8, 8), 16, 0.5, padding=1, repeats=3
+    )
+    assert isinstance(fast, bool) and s_ms > 0 and d_ms > 0
+    with pytest.raises(ValueError, match="weight shape"):
+        onexn.faster_than_dense((32, 16, 3), (1, 16, 8), 16, 0.5)
