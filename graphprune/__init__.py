@@ -11,10 +11,11 @@ from .api import analyze, apply, mask, plan, prune, stats
 from .config import PruneConfig
 from .errors import GraphpruneError, PlanError, TraceError, VerificationError
 from .plan import Flops, Latency, Params, Plan, Uniform
+from .sparsify import sparsify
 from .trace import Traced, trace
 
 __all__ = [
-    "analyze", "plan", "mask", "apply", "prune", "stats", "trace",
+    "analyze", "plan", "mask", "apply", "prune", "stats", "trace", "sparsify",
     "Analysis", "ChannelGroup", "Plan", "Uniform", "Flops", "Params", "Latency", "PruneConfig", "Traced",
     "GraphpruneError", "PlanError", "TraceError", "VerificationError",
 ]

@@ -1,0 +1,135 @@
+"""`gp.sparsify`: 1xN block sparsity (fast multithreaded CPU kernels) and 2:4 (Sparse Tensor Cores).
+
+Decides per conv/linear layer whether the pattern fits (C_out % N, C_in % 4, depthwise/grouped
+convs stay dense, and for 1xN optionally whether the sparse kernel is measured faster than dense
+on this machine), builds the masks, hands the decisions to the `sparse_ops` pass, and verifies the
+result against the masked dense model. The report says per layer what was applied or skipped, why,
+and the kept fraction.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import GraphpruneError
+from .kernels.masks import mask_1xn, mask_24
+from .passes.sparse_ops import LayerSparsity, mask_dense, sparse_ops
+from .trace import trace
+from .verify import verify_against
+
+__all__ = ["sparsify", "parse_pattern"]
+
+
+def parse_pattern(pattern: str) -> tuple[str, int]:
+    """"1x16" -> ("1xN", 16); "2:4" -> ("2:4", 4)."""
+    m = re.fullmatch(r"1x(\d+)", pattern.strip().lower())
+    if m:
+        return "1xN", int(m.group(1))
+    if pattern.strip() == "2:4":
+        return "2:4", 4
+    raise GraphpruneError(f"unknown sparsity pattern {pattern!r}: use '1xN' (e.g. '1x16') or '2:4'")
+
+
+def _layers(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if type(mod) in (nn.Conv2d, nn.Linear):
+            yield node, mod
+
+
+def _why_not(mod: nn.Module, kind: str, n: int) -> str:
+    if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+        return "grouped/depthwise conv stays dense"
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+        return f"padding_mode={mod.padding_mode!r} not supported"
+    k, c = mod.weight.shape[0], mod.weight.shape[1]
+    if kind == "1xN" and k % n:
+        return f"C_out={k} is not a multiple of N={n}"
+    if kind == "2:4" and c % 4:
+        return f"C_in={c} is not a multiple of 4"
+    return ""
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs,
+    pattern: str = "1x16",
+    sparsity: float = 0.75,
+    *,
+    verify: bool = True,
+    check_speed: bool = True,
+    threads: int | None = None,
+    skip: tuple[str, ...] = (),
+    leaf_modules=(),
+) -> fx.GraphModule:
+    """Sparsify every eligible conv/linear layer; returns a GraphModule with `.graphprune_report`.
+
+    pattern "1xN": uniform 1xN blocks at `sparsity` (fraction of input channels removed per group
+    of N outputs); layers where the kernel is measured slower than dense stay dense when
+    `check_speed`. pattern "2:4": 2 of every 4 weights along the reduction axis (sparsity fixed at
+    0.5). `skip`: module names left dense. The user's model is not modified.
+    """
+    kind, n = parse_pattern(pattern)
+    if kind == "1xN" and not 0.0 < sparsity < 1.0:
+        raise GraphpruneError(f"sparsity must be in (0, 1), got {sparsity}")
+    t0 = time.perf_counter()
+    tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="fx")
+    gm = tr.gm
+    report, plan = [], []
+    for node, mod in _layers(gm):
+        why = "skipped by the user" if node.target in skip else _why_not(mod, kind, n)
+        entry = {"layer": node.target, "node": node.name, "shape": list(mod.weight.shape)}
+        if not why and kind == "1xN" and check_speed:
+            why = _slower(mod, node, n, sparsity, threads)
+        if why:
+            report.append({**entry, "pattern": "dense", "why": why, "kept": 1.0})
+            continue
+        mask = mask_1xn(mod.weight.detach(), n, sparsity) if kind == "1xN" else mask_24(
+            mod.weight.detach())
+        plan.append(LayerSparsity(node.name, kind, n, mask))
+        report.append({**entry, "pattern": pattern, "why": "", "kept": float(mask.float().mean())})
+    out, how = sparse_ops(gm, plan)
+    for r in report:
+        if r["node"] in how:
+            r["held_as"] = how[r["node"]]
+    rep = {"pattern": pattern, "sparsity": sparsity if kind == "1xN" else 0.5, "layers": report,
+           "sparsified": len(plan), "seconds": round(time.perf_counter() - t0, 3)}
+    if verify and plan:
+        ref = mask_dense(gm, plan)
+        v = verify_against(out, ref, tr.args, tr.kwargs, rtol32=1e-4, rtol64=1e-9,
+                           what="sparsified model")
+        rep["verify"] = str(v)
+    out.graphprune_report = rep
+    return out
+
+
+_SPEED_CACHE: dict = {}
+
+
+def _slower(mod, node, n, sparsity, threads) -> str:
+    """'' when the 1xN kernel is faster than dense for this layer here, else the reason."""
+    from .kernels.onexn import faster_than_dense
+
+    x = node.args[0].meta.get("val")
+    if x is None:
+        return ""
+    key = (tuple(mod.weight.shape), tuple(x.shape), getattr(mod, "stride", 1),
+           getattr(mod, "padding", 0), getattr(mod, "dilation", 1), n, sparsity, threads)
+    if key not in _SPEED_CACHE:
+        kw = {}
+        if isinstance(mod, nn.Conv2d):
+            kw = {"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+        _SPEED_CACHE[key] = faster_than_dense(mod, tuple(x.shape), n, sparsity, threads=threads,
+                                              **kw)
+    ok, sp, de = _SPEED_CACHE[key]
+    return "" if ok else f"sparse kernel slower than dense here ({sp:.3f} ms vs {de:.3f} ms)"
+
+
+_ = torch

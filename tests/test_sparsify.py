@@ -1,0 +1,93 @@
+"""gp.sparsify: 1xN and 2:4 passes — patterns exact, skips explained, verified, compile/export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.kernels.masks import is_1xn, is_24
+from graphprune.kernels.onexn import Conv2d1xN, Linear1xN
+from graphprune.zoo import ZOO
+
+
+class Net(nn.Module):
+    """conv (fits), depthwise (stays dense), conv with 6 outputs (1x4 misfit), linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.b = nn.Conv2d(16, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 8)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.b(torch.relu(self.dw(torch.relu(self.a(x))))), 1))
+
+
+def _x():
+    return (torch.randn(2, 8, 4, 4),)
+
+
+def test_1xn_patterns_exact_and_skips_explained():
+    s = gp.sparsify(Net().eval(), _x(), pattern="1x4", sparsity=0.75, check_speed=False)
+    rep = {r["layer"]: r for r in s.graphprune_report["layers"]}
+    assert isinstance(s.a, Conv2d1xN) and isinstance(s.fc, Linear1xN)
+    assert is_1xn(s.a.to_dense() != 0, 4) and is_1xn(s.fc.to_dense() != 0, 4)
+    assert rep["a"]["kept"] == pytest.approx(0.25)
+    assert rep["dw"]["pattern"] == "dense" and "depthwise" in rep["dw"]["why"]
+    assert rep["b"]["pattern"] == "dense" and "multiple of N=4" in rep["b"]["why"]
+    assert "verified" in s.graphprune_report["verify"]
+
+
+def test_24_pattern_and_report():
+    s = gp.sparsify(Net().eval(), _x(), pattern="2:4")
+    rep = {r["layer"]: r for r in s.graphprune_report["layers"]}
+    assert is_24(s.a.weight != 0) and is_24(s.fc.weight != 0)
+    assert rep["a"]["kept"] == pytest.approx(0.5)
+    if not torch.cuda.is_available():
+        assert "masked dense weight" in rep["a"]["held_as"]
+
+
+def test_user_model_untouched_and_prune_then_sparsify():
+    m, x = ZOO["resnet18"]()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    slim = gp.prune(m, x, target=gp.Flops(0.5), round_to=8)
+    s = gp.sparsify(slim, x, pattern="1x8", sparsity=0.5, check_speed=False)
+    assert s.graphprune_report["sparsified"] > 5
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_export_and_compile_of_sparsified_model():
+    m = Net().eval()
+    s = gp.sparsify(m, _x(), pattern="1x4", sparsity=0.5, check_speed=False)
+    x = torch.randn(3, 8, 4, 4)
+    ref = s(x)
+    ep = torch.export.export(s, (x,))
+    assert torch.allclose(ep.module()(x), ref, rtol=1e-5, atol=1e-6)
+    c = torch.compile(s, backend="aot_eager")
+    assert torch.allclose(c(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_pattern_is_a_clear_error():
+    with pytest.raises(gp.GraphpruneError, match="unknown sparsity pattern"):
+        gp.sparsify(Net().eval(), _x(), pattern="3:7")
+
+
+def test_speed_check_keeps_slow_layers_dense():
+    """With the per-layer timing on, every layer is either sparsified or says it was slower."""
+    s = gp.sparsify(Net().eval(), _x(), pattern="1x4", sparsity=0.5, check_speed=True)
+    for r in s.graphprune_report["layers"]:
+        assert r["pattern"] == "1x4" or r["why"]
+
+
+@pytest.mark.gpu
+def test_24_semi_structured_on_cuda():
+    """On CUDA with fp16, linear weights become semi-structured sparse and still match."""
+    m = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half().eval()
+    x = torch.randn(32, 128, device="cuda", dtype=torch.half)
+    s = gp.sparsify(m, (x,), pattern="2:4", verify=False)
+    assert "semi_structured" in s.graphprune_report["layers"][0]["held_as"]
+    ref = gp.sparsify(m, (x,), pattern="2:4", verify=False)
+    assert torch.allclose(s(x).float(), ref(x).float(), rtol=1e-2, atol=1e-2)
