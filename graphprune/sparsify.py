@@ -68,6 +68,7 @@ def sparsify(
     threads: int | None = None,
     skip: tuple[str, ...] = (),
     leaf_modules=(),
+    permute: bool = True,
 ) -> fx.GraphModule:
     """Sparsify every eligible conv/linear layer; returns a GraphModule with `.graphprune_report`.
 
@@ -80,6 +81,9 @@ def sparsify(
     if kind == "1xN" and not 0.0 < sparsity < 1.0:
         raise GraphpruneError(f"sparsity must be in (0, 1), got {sparsity}")
     t0 = time.perf_counter()
+    perm_note = ""
+    if permute:
+        model, perm_note = _permuted(model, example_inputs, kind, leaf_modules)
     tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="fx")
     gm = tr.gm
     report, plan = [], []
@@ -99,8 +103,13 @@ def sparsify(
     for r in report:
         if r["node"] in how:
             r["held_as"] = how[r["node"]]
+    kept = sum(float((gm.get_submodule(_tgt(gm, d.node)).weight.detach().abs() * d.mask).sum())
+               for d in plan)
+    total = sum(float(gm.get_submodule(_tgt(gm, d.node)).weight.detach().abs().sum())
+                for d in plan)
     rep = {"pattern": pattern, "sparsity": sparsity if kind == "1xN" else 0.5, "layers": report,
-           "sparsified": len(plan), "seconds": round(time.perf_counter() - t0, 3)}
+           "sparsified": len(plan), "seconds": round(time.perf_counter() - t0, 3),
+           "kept_magnitude": kept / total if total else 1.0, "permutation": perm_note}
     if verify and plan:
         ref = mask_dense(gm, plan)
         v = verify_against(out, ref, tr.args, tr.kwargs, rtol32=1e-4, rtol64=1e-9,
@@ -108,6 +117,31 @@ def sparsify(
         rep["verify"] = str(v)
     out.graphprune_report = rep
     return out
+
+
+def _tgt(gm: fx.GraphModule, name: str) -> str:
+    return next(n.target for n in gm.graph.nodes if n.name == name)
+
+
+def _permuted(model, example_inputs, kind: str, leaf_modules):
+    """Reorder channels (function unchanged, verified) so the masks keep more magnitude."""
+    from .api import analyze
+    from .passes.permute import permutable
+    from .passes.permute import permute as permute_pass
+    from .permutation import filter_order_1xn, search_24
+
+    try:
+        a = analyze(model, example_inputs, leaf_modules=leaf_modules, method="fx")
+    except GraphpruneError:
+        return model, "skipped: model not fx-traceable"
+    groups = permutable(a)
+    perms = search_24(a, groups) if kind == "2:4" else filter_order_1xn(a, groups)
+    if not perms:
+        return model, "no permutable group"
+    gm = permute_pass(a, perms)
+    verify_against(gm, a.graph, a.traced.args, a.traced.kwargs, what="channel-permuted model")
+    how = "ASP swap search" if kind == "2:4" else "filters ordered by L1 (Lin et al.)"
+    return gm, f"{len(perms)} groups permuted ({how}), verified equal to the original"
 
 
 _SPEED_CACHE: dict = {}
