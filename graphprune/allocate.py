@@ -148,14 +148,57 @@ def group_choices(g: ChannelGroup, scores: np.ndarray, round_to: int, min_channe
     return ks, [float(cum[k - 1]) for k in ks]
 
 
+def _groups_of(sig: C.LayerSig, ci):
+    if sig.groups == "1":
+        return 1
+    if sig.groups == "depthwise":
+        return ci
+    return int(sig.groups.split("=")[1])
+
+
+def _vec_analytic(sig: C.LayerSig, ci, co, kind: str):
+    """MACs*2 or params for arrays of (c_in, c_out); equals cost.flops/params elementwise."""
+    ci = np.asarray(ci, dtype=np.int64)
+    co = np.asarray(co, dtype=np.int64)
+    g = _groups_of(sig, ci)
+    k = int(np.prod(sig.kernel)) if sig.kernel else 1
+    if kind == "params":
+        bias = co if sig.bias else 0
+        if sig.op.startswith("conv_transpose"):
+            return (ci * (co // g) * k + bias).astype(float)
+        if sig.op.startswith("conv"):
+            return (co * (ci // g) * k + bias).astype(float)
+        return (ci * co + bias).astype(float) if sig.op == "linear" else np.zeros(ci.shape)
+    if sig.op.startswith("conv_transpose"):
+        return 2.0 * sig.batch * int(np.prod(sig.spatial)) * ci * (co // g) * k
+    if sig.op.startswith("conv"):
+        return 2.0 * sig.batch * int(np.prod(C.output_spatial(sig))) * co * (ci // g) * k
+    return 2.0 * sig.batch * int(np.prod(sig.spatial)) * ci * co
+
+
 def layer_cost_fn(target, table=None):
-    """cost(sig, c_in, c_out) for a target kind."""
-    if isinstance(target, Flops):
-        return lambda sig, ci, co: float(C.flops(sig, ci, co))
-    if isinstance(target, Params):
-        return lambda sig, ci, co: float(C.params(sig, ci, co))
+    """cost(sig, c_in, c_out) for a target kind; c_in/c_out may be equal-shape arrays."""
+    if isinstance(target, (Flops, Params)):
+        kind = "flops" if isinstance(target, Flops) else "params"
+        scalar = C.flops if kind == "flops" else C.params
+
+        def analytic(sig, ci, co):
+            if np.ndim(ci) == 0 and np.ndim(co) == 0:
+                return float(scalar(sig, int(ci), int(co)))
+            return _vec_analytic(sig, ci, co, kind)
+
+        return analytic
     if isinstance(target, Latency):
-        return lambda sig, ci, co: float(table.lookup(sig, ci, co))
+
+        def latency(sig, ci, co):
+            if np.ndim(ci) == 0 and np.ndim(co) == 0:
+                return float(table.lookup(sig, int(ci), int(co)))
+            ci, co = np.broadcast_arrays(np.asarray(ci), np.asarray(co))
+            ui, ii = np.unique(ci, return_inverse=True)
+            uo, io = np.unique(co, return_inverse=True)
+            return table.lookup_grid(sig, ui, uo)[ii.reshape(ci.shape), io.reshape(co.shape)]
+
+        return latency
     raise PlanError(f"unsupported target {target!r}")
 
 
@@ -192,7 +235,7 @@ def allocate(a: Analysis, target, scores: dict, cfg, skip: set[int]):
             continue
 
         def cost(ci, co, L=L):
-            return fn(L.sig, int(ci), int(co) * L.out_mult)
+            return fn(L.sig, ci, np.asarray(co) * L.out_mult)
 
         alloc_layers.append(S.AllocLayer(
             L.node, tuple((index[g], m) for g, m in L.in_terms), L.in_const,
