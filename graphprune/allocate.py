@@ -202,6 +202,52 @@ def layer_cost_fn(target, table=None):
     raise PlanError(f"unsupported target {target!r}")
 
 
+_MATMUL = {torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default,
+           __import__("operator").matmul}
+_SDPA = {torch.nn.functional.scaled_dot_product_attention,
+         aten.scaled_dot_product_attention.default}
+
+
+def _groups_in(a: Analysis, tm, free: set[int]) -> set[int]:
+    if not isinstance(tm, TMap):
+        return set()
+    out = set()
+    for f in tm.factors:
+        out |= {int(g) for g in np.unique(a.class_group[a.labels[f.ids.reshape(-1)]])}
+    return out & free
+
+
+def _mm_macs(sa, sb) -> int:
+    batch = int(np.prod(np.broadcast_shapes(tuple(sa[:-2]), tuple(sb[:-2]))))
+    return batch * int(sa[-2]) * int(sa[-1]) * int(sb[-1])
+
+
+def matmul_terms(a: Analysis, free: set[int]) -> list[tuple[int | None, float]]:
+    """FLOPs of activation x activation matmuls (attention) as (group, FLOPs at full size):
+    linear in the kept count of the one prunable group on their channel axes (None: fixed)."""
+    out = []
+    for node in a.graph.graph.nodes:
+        if node.op != "call_function" or node.target not in _MATMUL | _SDPA:
+            continue
+        args = [x for x in node.args[:3] if isinstance(x, fx.Node)]
+        if any(x.op == "get_attr" for x in args) or len(args) < 2:
+            continue
+        shapes = [tuple(x.meta["val"].shape) for x in args]
+        if any(len(sh) < 2 for sh in shapes):
+            continue
+        if node.target in _SDPA and len(shapes) == 3:
+            q, k, v = shapes
+            kt = k[:-2] + (k[-1], k[-2])
+            pairs = [(2.0 * _mm_macs(q, kt), [args[0], args[1]]),
+                     (2.0 * _mm_macs(q[:-1] + (k[-2],), v), [args[2]])]
+        else:
+            pairs = [(2.0 * _mm_macs(shapes[0], shapes[1]), args[:2])]
+        for flops, who in pairs:
+            gs = set().union(*(_groups_in(a, a.tmaps.get(x.name), free) for x in who))
+            out.append((gs.pop() if len(gs) == 1 else None, flops))
+    return out
+
+
 def _table_for(a: Analysis, target: Latency, layers, round_to: int):
     if target.table is not None:
         return target.table
@@ -224,7 +270,8 @@ def allocate(a: Analysis, target, scores: dict, cfg, skip: set[int]):
     index = {gid: i for i, gid in enumerate(free)}
     groups = []
     for gid in free:
-        ks, vs = group_choices(a.groups[gid], scores[gid], cfg.round_to, cfg.min_channels)
+        floor = max(cfg.min_channels, int(np.ceil(cfg.min_fraction * a.groups[gid].size)))
+        ks, vs = group_choices(a.groups[gid], scores[gid], cfg.round_to, floor)
         groups.append(S.AllocGroup(str(gid), tuple(ks), tuple(vs)))
     alloc_layers, const_cost, full_cost = [], 0.0, 0.0
     for L in layers:
@@ -241,6 +288,19 @@ def allocate(a: Analysis, target, scores: dict, cfg, skip: set[int]):
             L.node, tuple((index[g], m) for g, m in L.in_terms), L.in_const,
             None if L.out_group is None else index[L.out_group],
             L.c_out if L.out_group is None else 0, cost))
+    if isinstance(target, Flops):  # attention matmuls: linear in the head-dim group's count
+        for gid, flops in matmul_terms(a, set(free)):
+            full_cost += flops
+            if gid is None:
+                const_cost += flops
+                continue
+            size = a.groups[gid].size
+
+            def mm_cost(ci, co, flops=flops, size=size):
+                return flops * np.asarray(ci, dtype=float) / size + 0.0 * np.asarray(co)
+
+            alloc_layers.append(S.AllocLayer(f"matmul:{gid}", ((index[gid], 1),), 0, None, 1,
+                                             mm_cost))
     budget = float(target.fraction) * full_cost
     prob = S.AllocProblem(tuple(groups), tuple(alloc_layers), budget, const_cost)
     try:

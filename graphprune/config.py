@@ -18,6 +18,7 @@ class PruneConfig:
     reduce: str = "sum"  # how member scores combine per channel: sum | mean | max
     round_to: int = 1
     min_channels: int = 1
+    min_fraction: float = 0.1  # cost-based targets keep >= this fraction of every group
     ignore: tuple[str, ...] = ()  # module names whose channels are kept
     leaf_modules: tuple[Any, ...] = ()
     trace: str = "auto"  # auto | fx | export

@@ -49,6 +49,12 @@ class Plan:
                                                             for k, v in self.sizes.items()}))
         object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
 
+    def __deepcopy__(self, memo):
+        return self  # immutable
+
+    def __reduce__(self):
+        return (Plan, (dict(self.keep), dict(self.sizes), dict(self.meta)))
+
     # ---- JSON -----------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(
