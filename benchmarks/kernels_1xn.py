@@ -8,11 +8,14 @@ of repeats, with ``torch.set_num_threads``. Inputs are NCHW (the sparse op retur
     python benchmarks/kernels_1xn.py            # full sweep (batch 1 and 8), ~10 minutes
     python benchmarks/kernels_1xn.py --quick    # N=16 only, batch 1, a few layers
     python benchmarks/kernels_1xn.py --write benchmarks/RESULTS_kernels.md
+    python benchmarks/kernels_1xn.py --threads 1 --json t1.json   # then --merge t1.json t2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import statistics
 import subprocess
@@ -190,42 +193,69 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _print_row(r: Row) -> None:
+    print(f"{r.layer:22s} b{r.batch} t{r.threads} N={r.n:2d} s={r.sparsity:.3f} "
+          f"sparse {r.sparse_ms:7.3f} ms  dense {r.dense_ms:7.3f} ms  "
+          f"{r.speedup:5.2f}x  {r.gflops:5.0f} GFLOP/s", flush=True)  # fmt: skip
+
+
+def write_report(path: str, rows: list[Row]) -> None:
+    """Markdown report: machine, summary against the bars, every measurement."""
+    with open(path, "w") as f:
+        f.write("# 1xN sparse conv kernel vs dense F.conv2d (ResNet-50 layers)\n\n")
+        f.write(machine_info() + "\n\n## Summary (speedup over the faster dense baseline)\n\n")
+        f.write(summary(rows) + "\n## All measurements\n\n" + table(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="reduced sweep")
-    ap.add_argument("--write", default=None, help="write a markdown report to this path")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 (quick: 1)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument(
         "--wait-quiet", type=float, default=0.0,
         help="before each layer wait up to this many seconds for the machine to be idle",
     )  # fmt: skip
+    ap.add_argument(
+        "--quiet-busy", type=float, default=None,
+        help="'idle' means all CPUs busy below this fraction (default: 0.1, or 0.55 for 1 thread)",
+    )  # fmt: skip
+    ap.add_argument("--json", default=None, help="also save the rows as JSON to this path")
+    ap.add_argument("--merge", nargs="+", default=None, help="report from saved JSON files only")
+    ap.add_argument("--write", default=None, help="write a markdown report to this path")
     a = ap.parse_args(argv)
+    if a.merge:
+        rows = [Row(**d) for p in a.merge for d in json.load(open(p))]
+        print(summary(rows))
+        if a.write:
+            write_report(a.write, rows)
+        return
     if not onexn.available():
         raise SystemExit("the 1xN C++ kernel is not available; nothing to benchmark")
     ns = (16,) if a.quick else (4, 8, 16, 32)
     sps = (0.5, 0.75) if a.quick else (0.5, 0.75, 0.875)
     layers = LAYERS[::2] if a.quick else LAYERS
-    batches = (1,) if a.quick else (1, 8)
+    batches = a.batches or ((1,) if a.quick else (1, 8))
     old = torch.get_num_threads()
     rows: list[Row] = []
     for batch in batches:
-        for threads in (1, 2):
+        for threads in a.threads:
             for layer in layers:
-                if a.wait_quiet and not wait_quiet(a.wait_quiet):
+                limit = a.quiet_busy or (0.55 if threads == 1 else 0.1)
+                if a.wait_quiet and not wait_quiet(a.wait_quiet, limit):
                     print(f"warning: machine busy while timing {layer.name}", flush=True)
                 new = bench_layer(layer, batch, threads, ns, sps, a.repeats)
                 for r in new:
-                    print(f"{r.layer:22s} b{r.batch} t{r.threads} N={r.n:2d} s={r.sparsity:.3f} "
-                          f"sparse {r.sparse_ms:7.3f} ms  dense {r.dense_ms:7.3f} ms  "
-                          f"{r.speedup:5.2f}x  {r.gflops:5.0f} GFLOP/s", flush=True)  # fmt: skip
+                    _print_row(r)
                 rows += new
     torch.set_num_threads(old)
     print(summary(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f)
     if a.write:
-        with open(a.write, "w") as f:
-            f.write("# 1xN sparse conv kernel vs dense F.conv2d (ResNet-50 layers)\n\n")
-            f.write(machine_info() + "\n\n## Summary (speedup over the faster dense baseline)\n\n")
-            f.write(summary(rows) + "\n## All measurements\n\n" + table(rows))
+        write_report(a.write, rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Prints Markdown; ``--write PATH`` also saves it. Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import random
 import sys
@@ -29,10 +28,13 @@ import torch
 import torch.nn as nn
 
 from graphprune.cost import (
+    LOAD_THRESHOLD,
     LatencyTable,
+    LoadProbe,
     estimate_model_latency,
     layer_op,
     measure_latency,
+    measure_watched,
     model_cost_items,
 )
 
@@ -129,41 +131,21 @@ def slim_widths(rng: random.Random, lo: float, hi: float, step: int = 8) -> dict
 # ----------------------------------------------------------------------------------------------
 
 
-def _busy_s() -> float:
-    """CPU-seconds all CPUs spent busy since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class LoadMonitor:
-    """Fraction of the machine's CPUs used by *other* processes while a block runs."""
+    """Share of the machine's CPUs used by *other* processes while a block runs."""
 
     def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+        self.probe = LoadProbe()
         return self
 
     def __exit__(self, *exc):
-        wall = time.perf_counter() - self.t0
-        other = (_busy_s() - self.busy0) - (_own_s() - self.own0)
-        self.other = max(other, 0.0) / (wall * (os.cpu_count() or 1))
+        self.other = self.probe.share()
         return False
 
 
-def wait_quiet(limit_s: float, threshold: float = 0.1) -> float:
-    """Wait (up to ``limit_s``) until other processes use < ``threshold`` of the CPUs over 3 s;
-    returns the last measured fraction."""
-    deadline = time.perf_counter() + limit_s
-    while True:
-        with LoadMonitor() as m:
-            time.sleep(3)
-        if m.other < threshold or time.perf_counter() > deadline:
-            return m.other
+def wait_quiet(limit_s: float) -> float:
+    """Wait (up to ``limit_s``) until other processes go quiet; returns their last CPU share."""
+    return LoadProbe().wait_quiet(limit_s, LOAD_THRESHOLD, step_s=3.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +175,16 @@ def heldout_points(table: LatencyTable, sig, n: int, rng: random.Random) -> list
     return sorted(pts)
 
 
-def direct_ms(sig, ci, co, repeats: int = 7) -> float:
-    """Median latency of the op measured on its own (same protocol as the table)."""
-    fn, args = layer_op(sig, ci, co)
-    return measure_latency(fn, args, warmup=2, repeats=repeats, min_sample_ms=0.2)[0]
+def direct_ms(sig, points: list[tuple[int, int]]) -> list[float]:
+    """Latency of the op at each point measured on its own, with the table's protocol
+    (re-measured when other processes loaded the machine)."""
+
+    def one(p):
+        fn, args = layer_op(sig, *p)
+        return measure_latency(fn, args, warmup=2, repeats=7, min_sample_ms=0.5)[0]
+
+    values, _ = measure_watched(points, one, LoadProbe())
+    return [values[p] for p in points]
 
 
 def rel_errors(pred: list[float], meas: list[float]) -> np.ndarray:
@@ -214,29 +202,28 @@ def fmt_err(e: np.ndarray) -> str:
 def table_errors(table: LatencyTable, n: int, rng: random.Random, lines: list) -> dict:
     """Held-out prediction error per signature; returns pooled error arrays."""
     lines += [
-        "| signature | c_in×c_out max | mode | points | s | held-out | err corrected (med/mean/p90)"
-        " | err coarse-only | noise (re-measure) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| signature | c_in×c_out max | mode | points | s | re-measured (load / spike) | held-out"
+        " | err corrected (med/mean/p90) | err coarse-only | noise (re-measure) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     pooled = {"corr": [], "coarse": [], "noise": []}
     for sig in table.sigs:
         d = table.describe(sig)
         pts = heldout_points(table, sig, n, rng)
-        meas = [direct_ms(sig, ci, co) for ci, co in pts]
+        meas = direct_ms(sig, pts)
         corr = [table.lookup(sig, ci, co) for ci, co in pts]
         coarse = [float(table.lookup_grid(sig, [ci], [co], correct=False)[0, 0]) for ci, co in pts]
         t = table.tables[sig]
         again = [(t.fine_in[-1], c) for c in rng.sample(t.fine_out, min(4, len(t.fine_out)))]
-        noise = rel_errors(
-            [table.lookup(sig, *p) for p in again], [direct_ms(sig, *p) for p in again]
-        )
+        noise = rel_errors([table.lookup(sig, *p) for p in again], direct_ms(sig, again))
         e_corr, e_coarse = rel_errors(corr, meas), rel_errors(coarse, meas)
         pooled["corr"] += list(e_corr)
         pooled["coarse"] += list(e_coarse)
         pooled["noise"] += list(noise)
         lines.append(
             f"| {sig.short()} | {d['c_in_max']}×{d['c_out_max']} | {d['mode']} | {d['points']} | "
-            f"{d['seconds']:.1f} | {len(pts)} | {fmt_err(e_corr)} | {fmt_err(e_coarse)} | "
+            f"{d['seconds']:.1f} | {d['loaded']} / {d['remeasured']} | {len(pts)} | "
+            f"{fmt_err(e_corr)} | {fmt_err(e_coarse)} | "
             f"{fmt_err(noise)} |"
         )
     pooled = {k: np.asarray(v) for k, v in pooled.items()}
@@ -260,11 +247,17 @@ def end_to_end(table: LatencyTable, batch: int, variants: int, lines: list) -> l
         "| model | GMACs | measured ms (IQR) | predicted ms | layers only | error |",
         "|---|---|---|---|---|---|",
     ]
-    errs = []
+    errs, iqrs = [], {}
     x = torch.randn(batch, 3, 224, 224)
-    for name, widths in configs:
-        model = ResNet50(widths).eval()
-        meas, iqr = measure_latency(model, (x,), warmup=5, repeats=15)
+    models = {name: ResNet50(widths).eval() for name, widths in configs}
+
+    def one(name):
+        ms, iqrs[name] = measure_latency(models[name], (x,), warmup=5, repeats=15)
+        return ms
+
+    measured, _ = measure_watched(list(models), one, LoadProbe(), chunk_s=0)
+    for name, model in models.items():
+        meas, iqr = measured[name], iqrs[name]
         pred, items = estimate_model_latency(model, x, table)
         layers = sum(it.ms for it in items if it.kind == "layer")
         gmacs = sum(_macs(it) for it in items) / 1e9
@@ -276,6 +269,37 @@ def end_to_end(table: LatencyTable, batch: int, variants: int, lines: list) -> l
         )
     lines += ["", f"Max |error| end to end: **{100 * max(errs):.1f}%**.", ""]
     return errs
+
+
+_ATEN = {
+    "layer": ("aten::conv2d", "aten::linear"),
+    "batch_norm": ("aten::batch_norm",),
+    "relu_": ("aten::relu_",),
+    "add": ("aten::add", "aten::add_"),
+    "max_pool2d": ("aten::max_pool2d",),
+    "avg_pool2d": ("aten::adaptive_avg_pool2d",),
+}
+
+
+def breakdown(table: LatencyTable, batch: int, lines: list) -> None:
+    """Predicted vs profiled (torch.profiler, CPU time incl. children) ms per op kind of the
+    dense model: where the composition errs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x = ResNet50().eval(), torch.randn(batch, 3, 224, 224)
+    _, items = estimate_model_latency(model, x, table)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                model(x)
+    ev = {e.key: e.cpu_time_total / 5e3 for e in prof.key_averages()}
+    lines += ["| op kind | predicted ms | profiled ms |", "|---|---|---|"]
+    for kind, names in _ATEN.items():
+        pred = sum(it.ms for it in items if it.kind == kind)
+        lines.append(f"| {kind} | {pred:.2f} | {sum(ev.get(n, 0.0) for n in names):.2f} |")
+    lines.append("")
 
 
 def _macs(item) -> int:
@@ -338,6 +362,7 @@ def run_batch(batch: int, args, lines: list) -> None:
     wait_quiet(args.wait_quiet)
     with LoadMonitor() as mon:
         end_to_end(table, batch, args.variants, lines)
+        breakdown(table, batch, lines)
     lines += [
         f"(other processes' CPU share during the end-to-end runs: {100 * mon.other:.0f}%)",
         "",

@@ -19,9 +19,11 @@ its own coarse interpolation (a separable correction), which is exact on every m
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import math
 import operator
@@ -46,6 +48,7 @@ __all__ = [
     "SUPPORTED_OPS",
     "OVERHEAD_KINDS",
     "CACHE_DIR",
+    "COLD_WEIGHT_BYTES",
     "num_groups",
     "output_spatial",
     "macs",
@@ -61,6 +64,8 @@ __all__ = [
     "cache_dir",
     "LatencyTable",
     "LatencyTableMismatch",
+    "LoadProbe",
+    "measure_watched",
     "CostItem",
     "model_cost_items",
     "estimate_model_latency",
@@ -76,6 +81,13 @@ SUPPORTED_OPS = frozenset(_CONV_OPS) | frozenset(_CONVT_OPS) | frozenset(_DENSE_
 CACHE_DIR: str | os.PathLike | None = None
 
 _FORMAT = "graphprune.latency/1"
+
+#: Bytes of weight copies a timed layer cycles through (cold weights, as inside a whole model).
+COLD_WEIGHT_BYTES = 64 * 2**20
+
+#: Share of the CPUs other processes may use while a chunk of points is timed before the chunk
+#: is measured again.
+LOAD_THRESHOLD = 0.1
 
 #: A measured point worth more than this × both neighbours on the grid is re-measured.
 SPIKE_RATIO = 1.5
@@ -370,20 +382,24 @@ def measure_latency(
     repeats: int = 30,
     threads: int | None = None,
     min_sample_ms: float = 0.0,
+    device: Any = None,
 ) -> tuple[float, float]:
     """Median and inter-quartile range (ms) of ``fn_or_module(*inputs)``.
 
     Runs under ``torch.inference_mode()`` with a fixed thread count (``threads``; ``None`` keeps
     the current one). ``inputs`` is a tuple, a single tensor, or a dict of keyword arguments. Each
     of the ``repeats`` samples times enough back-to-back calls to last ``min_sample_ms`` (one call
-    when 0). On CUDA, samples are timed with CUDA events after a synchronize.
+    when 0). On CUDA (``device``, else the first tensor input's or the module's device) samples
+    are timed with CUDA events after a synchronize.
     """
     if isinstance(inputs, Mapping):
         args, kwargs = (), dict(inputs)
     else:
         args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         kwargs = {}
-    device = _first_device(fn_or_module, list(args) + list(kwargs.values()))
+    if device is None:
+        device = _first_device(fn_or_module, list(args) + list(kwargs.values()))
+    device = torch.device(device)
 
     def call():
         return fn_or_module(*args, **kwargs)
@@ -421,31 +437,56 @@ class _Arena:
             self.bufs[slot] = buf
         return buf[:n].view(*shape)
 
+    def rotating(self, slot: str, shape: Sequence[int], footprint: int) -> list[torch.Tensor]:
+        """Disjoint copies of a ``shape`` tensor spanning about ``footprint`` bytes (at most
+        256 copies), so that cycling through them reads memory no cache still holds."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        n = min(256, max(1, footprint // max(1, math.prod(shape) * itemsize)))
+        return list(self.get(slot, (n, *shape)).unbind(0))
+
+
+def _cycle(tensors: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A no-argument function returning the tensors in turn."""
+    if len(tensors) == 1:
+        t = tensors[0]
+        return lambda: t
+    return itertools.cycle(tensors).__next__
+
 
 def layer_op(
-    sig: LayerSig, c_in: int, c_out: int, device: Any = None, arena: _Arena | None = None
+    sig: LayerSig,
+    c_in: int,
+    c_out: int,
+    device: Any = None,
+    arena: _Arena | None = None,
+    cold_weights: int = COLD_WEIGHT_BYTES,
 ) -> tuple[Callable, tuple]:
     """``(fn, args)``: the real op of ``sig`` at ``(c_in, c_out)`` on random tensors, for
-    :func:`measure_latency`. ``device`` defaults to ``sig.device``."""
+    :func:`measure_latency`. ``device`` defaults to ``sig.device``.
+
+    In a whole model every layer reads its weights after the other layers have evicted them from
+    the caches, while its input was just written by the op before it. So the op cycles through
+    copies of its weight spanning ``cold_weights`` bytes (0: one hot copy) and reuses one input.
+    """
     device = torch.device(device if device is not None else sig.device)
     arena = arena or _Arena(device, getattr(torch, sig.dtype))
     g = num_groups(sig, c_in, c_out)
     bias = arena.get("b", (c_out,)) if sig.bias else None
-    if sig.op in _CONV_OPS or sig.op in _CONVT_OPS:
+    if sig.op in _CONV_OPS:
         x = arena.get("x", (sig.batch, c_in, *sig.spatial))
-        conv_args = (sig.stride, sig.padding)
-        if sig.op in _CONV_OPS:
-            w = arena.get("w", (c_out, c_in // g, *sig.kernel))
-            fn = getattr(F, sig.op)
-            return (lambda: fn(x, w, bias, *conv_args, sig.dilation, g)), ()
-        w = arena.get("w", (c_in, c_out // g, *sig.kernel))
-        fn = getattr(F, sig.op)
-        return (lambda: fn(x, w, bias, *conv_args, 0, g, sig.dilation)), ()
+        w = _cycle(arena.rotating("w", (c_out, c_in // g, *sig.kernel), cold_weights))
+        fn, rest = getattr(F, sig.op), (sig.stride, sig.padding, sig.dilation, g)
+        return (lambda: fn(x, w(), bias, *rest)), ()
+    if sig.op in _CONVT_OPS:
+        x = arena.get("x", (sig.batch, c_in, *sig.spatial))
+        w = _cycle(arena.rotating("w", (c_in, c_out // g, *sig.kernel), cold_weights))
+        fn, rest = getattr(F, sig.op), (sig.stride, sig.padding, 0, g, sig.dilation)
+        return (lambda: fn(x, w(), bias, *rest)), ()
     tokens = math.prod(sig.spatial)
     x = arena.get("x", (sig.batch, tokens, c_in) if sig.spatial else (sig.batch, c_in))
     if sig.op == "linear":
-        w = arena.get("w", (c_out, c_in))
-        return (lambda: F.linear(x, w, bias)), ()
+        w = _cycle(arena.rotating("w", (c_out, c_in), cold_weights))
+        return (lambda: F.linear(x, w(), bias)), ()
     y = arena.get("w", (sig.batch, c_in, c_out))
     return (lambda: torch.matmul(x, y)), ()
 
@@ -546,6 +587,24 @@ def _bilinear(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, x, y) -> np.ndar
     )
 
 
+def _segment(axis: Sequence[float], x: float) -> tuple[int, int, float]:
+    """Scalar twin of :func:`_axis_weights` (pure Python, for fast single lookups)."""
+    n = len(axis)
+    if n == 1:
+        return 0, 0, 0.0
+    if x <= axis[0]:
+        return 0, 1, 0.0
+    if x >= axis[-1]:
+        return n - 2, n - 1, 1.0
+    i1 = bisect.bisect_left(axis, x)
+    return i1 - 1, i1, (x - axis[i1 - 1]) / (axis[i1] - axis[i1 - 1])
+
+
+def _lerp(axis: Sequence[float], values: Sequence[float], x: float) -> float:
+    i0, i1, w = _segment(axis, x)
+    return (1 - w) * values[i0] + w * values[i1]
+
+
 @dataclass
 class _SigTable:
     """Measurements of one signature.
@@ -567,6 +626,7 @@ class _SigTable:
     points: int = 0
     seconds: float = 0.0
     remeasured: int = 0
+    loaded: int = 0
     arrays: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -591,6 +651,24 @@ class _SigTable:
             out = out * (np.interp(co, a["fo"], self.col) / np.interp(co, a["co"], self.grid[-1]))
         return out
 
+    def predict_one(self, c_in: float, c_out: float, correct: bool = True) -> float:
+        """Scalar :meth:`predict` without numpy (about 10x faster for one point)."""
+        a = self._np()
+        co = float(self.c_out_max) if self.mode == "diag" else c_out
+        i0, i1, wx = _segment(self.coarse_in, c_in)
+        j0, j1, wy = _segment(self.coarse_out, co)
+        g = a["grid"]
+        out = (
+            (1 - wx) * (1 - wy) * g[i0][j0]
+            + (1 - wx) * wy * g[i0][j1]
+            + wx * (1 - wy) * g[i1][j0]
+            + wx * wy * g[i1][j1]
+        )
+        if correct and self.mode == "separable":
+            out *= _lerp(self.fine_in, a["row"], c_in) / _lerp(self.coarse_in, a["last_col"], c_in)
+            out *= _lerp(self.fine_out, a["col"], co) / _lerp(self.coarse_out, g[-1], co)
+        return out
+
     def _np(self) -> dict:
         if not self.arrays:
             self.arrays.update(
@@ -598,6 +676,10 @@ class _SigTable:
                 co=np.asarray(self.coarse_out, float),
                 fi=np.asarray(self.fine_in, float),
                 fo=np.asarray(self.fine_out, float),
+                grid=self.grid.tolist(),
+                row=self.row.tolist(),
+                col=self.col.tolist(),
+                last_col=self.grid[:, -1].tolist(),
             )
         return self.arrays
 
@@ -615,6 +697,7 @@ class _SigTable:
             "points": self.points,
             "seconds": self.seconds,
             "remeasured": self.remeasured,
+            "loaded": self.loaded,
         }
 
     @classmethod
@@ -632,6 +715,7 @@ class _SigTable:
             points=int(d.get("points", 0)),
             seconds=float(d.get("seconds", 0.0)),
             remeasured=int(d.get("remeasured", 0)),
+            loaded=int(d.get("loaded", 0)),
         )
 
 
@@ -764,9 +848,11 @@ def _measure_overheads(
     warmup: int,
     repeats: int,
     progress: bool,
+    watch_load: bool = True,
 ) -> dict[str, dict[str, list[float]]]:
     """ms-vs-bytes curve of each overhead kind on sizes 2**10 .. ``max_numel`` elements."""
     sizes = [2**k for k in range(10, max(11, math.ceil(math.log2(max_numel)) + 1))]
+    probe = LoadProbe() if watch_load and device.type == "cpu" else None
     ops = _overhead_ops()
     out: dict[str, dict[str, list[float]]] = {}
     bar = _progress(len(ops) * len(sizes) + 1, "op overheads", progress)
@@ -774,12 +860,10 @@ def _measure_overheads(
         inputs = {n: torch.randn(_nchw(n), device=device, dtype=dtype) for n in sizes}
 
         def measure(n: int, build=build, inputs=inputs) -> float:
-            return measure_latency(build(inputs[n]), (), warmup, repeats, min_sample_ms=0.2)[0]
+            call = build(inputs[n])
+            return measure_latency(call, (), warmup, repeats, min_sample_ms=0.5, device=device)[0]
 
-        values = {}
-        for n in sizes:
-            values[n] = measure(n)
-            bar.update(1)
+        values, _ = measure_watched(sizes, measure, probe, bar)
         _recheck_spikes([sizes], values, measure)
         nbytes = [float(inputs[n].numel() * inputs[n].element_size()) for n in sizes]
         out[kind] = {"bytes": nbytes, "ms": [values[n] for n in sizes]}
@@ -792,8 +876,8 @@ def _measure_overheads(
 def _module_call_ms(device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> float:
     """Extra cost of an ``nn.Module.__call__`` over a plain function call."""
     x = torch.randn(4, device=device, dtype=dtype)
-    t_mod, _ = measure_latency(nn.Identity(), (x,), warmup, repeats, min_sample_ms=0.2)
-    t_fn, _ = measure_latency(lambda v: v, (x,), warmup, repeats, min_sample_ms=0.2)
+    t_mod, _ = measure_latency(nn.Identity(), (x,), warmup, repeats, min_sample_ms=0.5)
+    t_fn, _ = measure_latency(lambda v: v, (x,), warmup, repeats, min_sample_ms=0.5)
     return max(t_mod - t_fn, 0.0)
 
 
@@ -823,6 +907,7 @@ class LatencyTable:
         self.round_to = int(round_to)
         self.tables: dict[LayerSig, _SigTable] = {}
         self.overheads: dict[str, dict[str, list[float]]] = {}
+        self._memo: dict[tuple, float] = {}
 
     # -- building ------------------------------------------------------------------------------
 
@@ -834,41 +919,25 @@ class LatencyTable:
         device: Any = None,
         threads: int | None = None,
         repeats: int = 7,
-        warmup: int = 2,
         progress: bool = True,
-        strategy: str = "auto",
-        coarse: int = 9,
-        full_max_points: int = 160,
         overheads: bool = True,
-        timer: Timer | None = None,
+        **options: Any,
     ) -> LatencyTable:
         """Measure a new table.
 
         ``sigs_with_max_channels``: ``{sig: (c_in_max, c_out_max)}`` or a list of
         ``(sig, c_in_max, c_out_max)``; identical signatures are measured once (on the union of
-        their ranges). ``strategy``: ``"full"`` (every step-``round_to`` point), ``"separable"``
-        (coarse ``coarse``×``coarse`` grid + fine staircase per axis, see the module doc) or
-        ``"auto"`` (full when it has at most ``full_max_points`` points). ``device`` defaults to
-        the signatures' device; ``threads`` to the current thread count. ``timer(sig, c_in,
-        c_out) -> ms`` replaces the real measurement (tests). ``overheads`` also measures the
-        op-overhead curves.
+        their ranges). ``device`` defaults to the signatures' device, ``threads`` to the current
+        thread count (fixed while measuring and recorded in the key). ``overheads`` also measures
+        the op-overhead curves. Further ``options`` (strategy, coarse, warmup, ...) are those of
+        :meth:`add`.
         """
         merged = _merge_requests(sigs_with_max_channels)
         device = _table_device(merged, device)
         dtype = _table_dtype(merged)
         threads = int(threads or torch.get_num_threads())
         table = cls(device_key(device, threads, dtype), round_to)
-        table.add(
-            merged,
-            device=device,
-            repeats=repeats,
-            warmup=warmup,
-            progress=progress,
-            strategy=strategy,
-            coarse=coarse,
-            full_max_points=full_max_points,
-            timer=timer,
-        )
+        table.add(merged, device=device, repeats=repeats, progress=progress, **options)
         if overheads:
             table.measure_overheads(device=device, progress=progress)
         return table
@@ -879,14 +948,27 @@ class LatencyTable:
         device: Any = None,
         repeats: int = 7,
         warmup: int = 2,
+        min_sample_ms: float = 0.5,
+        cold_weights: int = COLD_WEIGHT_BYTES,
         progress: bool = True,
         strategy: str = "auto",
         coarse: int = 9,
         full_max_points: int = 160,
         timer: Timer | None = None,
+        watch_load: bool = True,
     ) -> int:
         """Measure the signatures this table does not cover yet (or covers on a smaller range)
-        under this table's thread count; returns how many signatures were measured."""
+        under this table's thread count; returns how many signatures were measured.
+
+        Each point is the median of ``repeats`` samples after ``warmup`` calls, a sample
+        timing enough calls to last ``min_sample_ms``; weights cycle through ``cold_weights``
+        bytes of copies (see :func:`layer_op`). ``strategy``: ``"full"`` (every
+        step-``round_to`` point), ``"separable"`` (a ``coarse`` × ``coarse`` grid plus the fine
+        staircase of each axis, see the module doc) or ``"auto"`` (full when it has at most
+        ``full_max_points`` points). ``timer(sig, c_in, c_out) -> ms`` replaces the real
+        measurement (tests, simulations). ``watch_load`` re-measures points timed while other
+        processes loaded the CPUs (:class:`LoadProbe`; CPU only).
+        """
         merged = _merge_requests(sigs_with_max_channels)
         todo = {s: m for s, m in merged.items() if not self._covers_range(s, *m)}
         if not todo:
@@ -901,15 +983,21 @@ class LatencyTable:
             s: _plan_sig(s, ci, co, self.round_to, strategy, coarse, full_max_points)
             for s, (ci, co) in todo.items()
         }
-        total = sum(len(p[-1]) for p in plans.values())
-        bar = _progress(total, "latency table", progress)
+        watch = watch_load and timer is None and device.type == "cpu"
+        probe = LoadProbe() if watch else None
+        if timer is None:
+            timer = _OpTimer(device, warmup, repeats, min_sample_ms, cold_weights)
+        bar = _progress(sum(len(p[-1]) for p in plans.values()), "latency table", progress)
         with num_threads(self.key["threads"]):
             for sig, plan in plans.items():
                 t0 = time.perf_counter()
-                values, n = _measure_sig(sig, plan, device, timer, warmup, repeats, bar)
-                self.tables[sig] = _assemble(sig, plan, values, time.perf_counter() - t0)
-                self.tables[sig].remeasured = n
+                values, spikes, loaded = _measure_sig(sig, plan, timer, bar, probe)
+                t = _assemble(sig, plan, values, time.perf_counter() - t0)
+                t.remeasured, t.loaded = spikes, loaded
+                self.tables[sig] = t
+                self._memo.clear()
         bar.close()
+        _warn_loaded(t for s, t in self.tables.items() if s in todo)
         return len(todo)
 
     def measure_overheads(
@@ -919,13 +1007,17 @@ class LatencyTable:
         repeats: int = 7,
         warmup: int = 2,
         progress: bool = True,
+        watch_load: bool = True,
     ) -> None:
         """Measure ms-vs-bytes curves of elementwise / norm / pooling ops (:data:`OVERHEAD_KINDS`)
-        on sizes 2**10 .. ``max_numel`` elements, once per device."""
+        on sizes 2**10 .. ``max_numel`` elements, once per device (``watch_load`` as in
+        :meth:`add`)."""
         device = torch.device(device if device is not None else "cpu")
         dtype = getattr(torch, self.key["dtype"])
         with num_threads(self.key["threads"]):
-            self.overheads = _measure_overheads(device, dtype, max_numel, warmup, repeats, progress)
+            self.overheads = _measure_overheads(
+                device, dtype, max_numel, warmup, repeats, progress, watch_load
+            )
 
     @classmethod
     def cached(
@@ -981,7 +1073,18 @@ class LatencyTable:
     def lookup(self, sig: LayerSig, c_in: int, c_out: int) -> float:
         """Interpolated median latency (ms) of ``sig`` at ``(c_in, c_out)``. Counts below the
         smallest grid point read the smallest; counts above the measured range raise."""
-        return float(self.lookup_grid(sig, [c_in], [c_out])[0, 0])
+        key = (sig, c_in, c_out)
+        hit = self._memo.get(key)
+        if hit is None:
+            t = self.tables.get(sig)
+            if t is None or not (1 <= c_in <= t.c_in_max) or not self._c_out_ok(t, c_out):
+                return float(self.lookup_grid(sig, [c_in], [c_out])[0, 0])  # raises clearly
+            hit = self._memo[key] = t.predict_one(c_in, c_out)
+        return hit
+
+    @staticmethod
+    def _c_out_ok(t: _SigTable, c_out: int) -> bool:
+        return t.mode == "diag" or 1 <= c_out <= t.c_out_max
 
     def lookup_grid(
         self,
@@ -1029,6 +1132,7 @@ class LatencyTable:
             "points": t.points,
             "seconds": t.seconds,
             "remeasured": t.remeasured,
+            "loaded": t.loaded,
         }
 
     # -- persistence ---------------------------------------------------------------------------
@@ -1124,33 +1228,136 @@ def _table_dtype(sigs: Iterable[LayerSig]) -> str:
     return dtypes.pop() if dtypes else "float32"
 
 
+class LoadProbe:
+    """Share of this machine's CPUs used by *other* processes since :meth:`start` (Linux
+    ``/proc/stat`` minus this process's CPU time; always 0 where that is unavailable).
+
+    Timings on a shared machine are spoiled by other processes, with OpenMP threads waiting for
+    a descheduled sibling up to 30x slower; the table measurement uses this to re-measure what
+    was timed under load."""
+
+    def __init__(self) -> None:
+        self.ok = Path("/proc/stat").exists()
+        self.start()
+
+    @staticmethod
+    def _busy_s() -> float:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        """Start a new interval."""
+        self.t0 = time.perf_counter()
+        if self.ok:
+            self.busy0, self.own0 = self._busy_s(), self._own_s()
+
+    def share(self) -> float:
+        """Other processes' share of all CPUs since :meth:`start` (0..1)."""
+        wall = time.perf_counter() - self.t0
+        if not self.ok or wall <= 0:
+            return 0.0
+        other = (self._busy_s() - self.busy0) - (self._own_s() - self.own0)
+        return min(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 1.0)  # 10 ms ticks
+
+    def wait_quiet(self, limit_s: float, threshold: float, step_s: float = 0.5) -> float:
+        """Sleep until other processes use less than ``threshold`` over ``step_s`` (at most
+        ``limit_s``); returns the last share seen."""
+        deadline = time.perf_counter() + limit_s
+        while True:
+            self.start()
+            time.sleep(step_s)
+            share = self.share()
+            if share < threshold or time.perf_counter() >= deadline:
+                return share
+
+
+def _warn_loaded(tables: Iterable[_SigTable]) -> None:
+    loaded = {t.sig.short(): t.loaded for t in tables if t.loaded}
+    if loaded:
+        warnings.warn(
+            f"latency table: points were timed while other processes loaded the CPUs even after "
+            f"re-measuring ({loaded}); their latencies may be too high. Measure on a quiet "
+            f"machine for reliable tables.",
+            stacklevel=3,
+        )
+
+
+def measure_watched(
+    points: Sequence[Any],
+    measure: Callable[[Any], float],
+    probe: LoadProbe | None,
+    bar: Any = None,
+    chunk_s: float = 1.0,
+    rounds: int = 2,
+    wait_s: float = 10.0,
+) -> tuple[dict[Any, float], int]:
+    """Measure ``points`` in chunks of about ``chunk_s`` seconds; a chunk during which other
+    processes used more than :data:`LOAD_THRESHOLD` of the CPUs is measured again (after waiting
+    up to ``wait_s`` for quiet), at most ``rounds`` more times, keeping each point's smallest
+    value. Returns the values and how many points were still timed under load."""
+    values: dict[Any, float] = {}
+    todo = list(points)
+    for r in range(rounds + 1):
+        if r and probe is not None:
+            probe.wait_quiet(wait_s, LOAD_THRESHOLD)
+        loaded, i = [], 0
+        while i < len(todo):
+            chunk, t0 = [], time.perf_counter()
+            if probe is not None:
+                probe.start()
+            while i < len(todo) and (not chunk or time.perf_counter() - t0 < chunk_s):
+                p = todo[i]
+                values[p] = min(values.get(p, math.inf), measure(p))
+                chunk.append(p)
+                i += 1
+                if bar is not None and r == 0:
+                    bar.update(1)
+            if probe is not None and probe.share() > LOAD_THRESHOLD:
+                loaded += chunk
+        todo = loaded
+        if not todo:
+            break
+    return values, len(todo)
+
+
+class _OpTimer:
+    """The default timer: median latency of the real op (:func:`layer_op`) at one point."""
+
+    def __init__(self, device, warmup: int, repeats: int, min_sample_ms: float, cold: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        self.min_sample_ms, self.cold = min_sample_ms, cold
+        self.arenas: dict[str, _Arena] = {}
+
+    def __call__(self, sig: LayerSig, c_in: int, c_out: int) -> float:
+        arena = self.arenas.get(sig.dtype)
+        if arena is None:
+            arena = self.arenas[sig.dtype] = _Arena(self.device, getattr(torch, sig.dtype))
+        fn, args = layer_op(sig, c_in, c_out, self.device, arena, self.cold)
+        w, r, dev = self.warmup, self.repeats, self.device
+        return measure_latency(fn, args, w, r, None, self.min_sample_ms, dev)[0]
+
+
 def _measure_sig(
-    sig: LayerSig,
-    plan: tuple,
-    device: torch.device,
-    timer: Timer | None,
-    warmup: int,
-    repeats: int,
-    bar: Any,
-) -> tuple[dict[tuple[int, int], float], int]:
-    """Median latency at each planned point, visited in a fixed random order (decorrelates drift
-    and load bursts from the grid), then re-measure isolated spikes (see :func:`_spikes`).
-    Returns the values and the number of re-measurements."""
+    sig: LayerSig, plan: tuple, timer: Timer, bar: Any, probe: LoadProbe | None
+) -> tuple[dict[tuple[int, int], float], int, int]:
+    """Latency at each planned point, visited in a fixed random order (decorrelates drift and
+    load bursts from the grid); what was timed under load is re-measured
+    (:func:`measure_watched`), then isolated spikes (:func:`_spikes`). Returns the values, the
+    number of spike re-measurements and the number of points still timed under load."""
     order = list(plan[-1])
     random.Random(0).shuffle(order)
-    arena = _Arena(device, getattr(torch, sig.dtype)) if timer is None else None
 
-    def measure(ci: int, co: int) -> float:
-        if timer is not None:
-            return float(timer(sig, ci, co))
-        fn, args = layer_op(sig, ci, co, device, arena)
-        return measure_latency(fn, args, warmup, repeats, min_sample_ms=0.2)[0]
+    def measure(p: tuple[int, int]) -> float:
+        return float(timer(sig, *p))
 
-    values = {}
-    for p in order:
-        values[p] = measure(*p)
-        bar.update(1)
-    return values, _recheck_spikes(_plan_lines(plan), values, measure)
+    values, loaded = measure_watched(order, measure, probe, bar)
+    return values, _recheck_spikes(_plan_lines(plan), values, measure), loaded
 
 
 def _plan_lines(plan: tuple) -> list[list[tuple[int, int]]]:
@@ -1197,7 +1404,7 @@ def _recheck_spikes(
     for _ in range(retries):
         bad = sorted(_spikes(lines, values, ratio))
         for p in bad:
-            values[p] = min(values[p], measure(*p))
+            values[p] = min(values[p], measure(p))
         n += len(bad)
         if not bad:
             break
@@ -1298,45 +1505,44 @@ _METHOD_KINDS: dict[str, str] = {
 }
 
 
-def _node_nbytes(node: Any) -> int:
-    """Bytes of a node's first tensor input (``cat``: all of them)."""
+def _input_bytes(node: Any) -> list[int]:
+    """Bytes of each tensor input of an fx node (from ShapeProp's ``tensor_meta``)."""
     from torch.fx import Node
 
-    def size(n):
-        meta = n.meta.get("tensor_meta") if isinstance(n, Node) else None
-        if meta is None or not hasattr(meta, "shape"):
-            return 0
-        return math.prod(meta.shape) * _itemsize(str(meta.dtype).removeprefix("torch."))
-
     args = node.args[0] if node.target is torch.cat else node.args
-    sizes = [size(a) for a in args if isinstance(a, Node)]
-    if node.target is torch.cat:
-        return sum(sizes)
-    return next((s for s in sizes if s), 0)
+    out = []
+    for a in args if isinstance(args, (list, tuple)) else [args]:
+        meta = a.meta.get("tensor_meta") if isinstance(a, Node) else None
+        if meta is not None and hasattr(meta, "shape"):
+            out.append(math.prod(meta.shape) * _itemsize(str(meta.dtype).removeprefix("torch.")))
+    return out
+
+
+def _overhead_item(node: Any, kind: str, inplace: bool = False) -> CostItem:
+    """An overhead item keyed by the bytes the op reads (``cat``: all inputs; otherwise the
+    largest input). In-place ReLUs and broadcasting binary ops get their own kinds."""
+    sizes = _input_bytes(node)
+    nbytes = sum(sizes) if node.target is torch.cat else max(sizes, default=0)
+    if kind == "relu" and inplace:
+        kind = "relu_"
+    if kind in ("add", "add_", "mul") and len(sizes) >= 2 and min(sizes) < max(sizes):
+        kind = "mul_bcast"
+    return CostItem(node.name, kind, nbytes=nbytes)
 
 
 def _node_item(gm: Any, node: Any) -> CostItem | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        try:
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
             shape = node.args[0].meta["tensor_meta"].shape
-            sig, ci, co = sig_from_module(mod, shape)
-            return CostItem(node.name, "layer", sig, ci, co)
-        except TypeError:
-            pass
+            return CostItem(node.name, "layer", *sig_from_module(mod, shape))
         kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), "unknown")
-        if kind == "relu" and getattr(mod, "inplace", False):
-            kind = "relu_"
-        return CostItem(node.name, kind, nbytes=_node_nbytes(node))
+        return _overhead_item(node, kind, getattr(mod, "inplace", False))
     if node.op == "call_function":
         kind = _FUNCTION_KINDS.get(node.target, "unknown")
-        if kind == "relu" and node.kwargs.get("inplace"):
-            kind = "relu_"
-        return CostItem(node.name, kind, nbytes=_node_nbytes(node))
+        return _overhead_item(node, kind, bool(node.kwargs.get("inplace")))
     if node.op == "call_method":
-        return CostItem(
-            node.name, _METHOD_KINDS.get(node.target, "unknown"), nbytes=_node_nbytes(node)
-        )
+        return _overhead_item(node, _METHOD_KINDS.get(node.target, "unknown"))
     return None
 
 

@@ -329,11 +329,17 @@ def test_measure_latency_fixed_threads_and_restores():
 def test_real_tiny_table_and_overheads():
     sig = LayerSig("conv2d", (3, 3), padding=(1, 1), spatial=(8, 8))
     table = LatencyTable.measure(
-        [(sig, 16, 16)], progress=False, repeats=3, warmup=1, overheads=False, threads=1
+        [(sig, 16, 16)],
+        progress=False,
+        repeats=3,
+        warmup=1,
+        overheads=False,
+        threads=1,
+        watch_load=False,
     )
     assert table.key["threads"] == 1 and table.key["torch"] == torch.__version__
     assert 0 < table.lookup(sig, 8, 8) < 100
-    table.measure_overheads(max_numel=2**11, repeats=3, warmup=1, progress=False)
+    table.measure_overheads(max_numel=2**11, repeats=3, warmup=1, progress=False, watch_load=False)
     assert set(cost.OVERHEAD_KINDS) <= set(table.overheads)
     small, large = table.overhead("relu", 1024), table.overhead("relu", 1e9)
     assert 0 <= small < large  # linear extrapolation above the measured sizes
@@ -383,3 +389,78 @@ def test_isolated_spikes_are_remeasured():
     table = LatencyTable.measure([(SIG, 32, 48)], progress=False, timer=timer, overheads=False)
     assert table.lookup(SIG, 16, 24) == pytest.approx(fake(SIG, 16, 24))
     assert table.describe(SIG)["remeasured"] == 2
+
+
+def test_scalar_lookup_matches_vectorised():
+    sep = LayerSig("conv2d", (1, 1), spatial=(7, 7), bias=False)
+    dw = LayerSig("conv2d", (3, 3), padding=(1, 1), groups="depthwise", spatial=(8, 8))
+    table, _ = fake_table([(SIG, 32, 48), (sep, 256, 512), (dw, 64, 64)])
+    rng = np.random.default_rng(1)
+    for sig in (SIG, sep, dw):
+        d = table.describe(sig)
+        for ci, co in zip(
+            rng.integers(1, d["c_in_max"] + 1, 40), rng.integers(1, d["c_out_max"] + 1, 40)
+        ):
+            if sig == dw:
+                co = ci
+            ref = table.lookup_grid(sig, [ci], [co])[0, 0]
+            assert table.lookup(sig, int(ci), int(co)) == pytest.approx(ref, rel=1e-12)
+            assert table.lookup(sig, int(ci), int(co)) == pytest.approx(ref, rel=1e-12)  # memo
+
+
+class ScriptedProbe:
+    """A LoadProbe whose shares follow a script (then 0)."""
+
+    def __init__(self, shares):
+        self.shares, self.waits = list(shares), 0
+
+    def start(self):
+        pass
+
+    def share(self):
+        return self.shares.pop(0) if self.shares else 0.0
+
+    def wait_quiet(self, limit_s, threshold):
+        self.waits += 1
+        return 0.0
+
+
+def test_points_timed_under_load_are_remeasured():
+    calls = []
+
+    def measure(p):
+        calls.append(p)
+        return 10.0 if len(calls) == 1 else 1.0  # the first chunk ran under load
+
+    probe = ScriptedProbe([0.9, 0.0, 0.0])
+    values, loaded = cost.measure_watched([1, 2, 3, 4, 5, 6], measure, probe, chunk_s=0)
+    assert loaded == 0 and probe.waits == 1
+    assert values == {p: 1.0 for p in range(1, 7)}
+    assert sorted(calls) == [1, 1, 2, 3, 4, 5, 6]  # chunk_s=0: one point per chunk
+    # persistent load: gives up after `rounds` and reports the count
+    values, loaded = cost.measure_watched([1, 2], lambda p: 1.0, ScriptedProbe([1.0] * 9))
+    assert loaded == 2
+
+
+def test_load_probe_reads_this_machine():
+    probe = cost.LoadProbe()
+    sum(i * i for i in range(100_000))
+    assert 0.0 <= probe.share() <= 1.0
+
+
+class _SECat(nn.Module):
+    def forward(self, x):
+        s = torch.sigmoid(x.mean((2, 3), keepdim=True))
+        y = s * x
+        return torch.cat([y, x], 1).relu_()
+
+
+def test_cost_items_kinds_and_bytes():
+    x = torch.randn(2, 4, 5, 5)
+    items = {it.name: it for it in model_cost_items(_SECat(), x)}
+    nb = x.numel() * 4
+    assert items["mean"].kind == "avg_pool2d" and items["mean"].nbytes == nb
+    assert items["sigmoid"].kind == "sigmoid" and items["sigmoid"].nbytes == 2 * 4 * 4
+    assert items["mul"].kind == "mul_bcast" and items["mul"].nbytes == nb
+    assert items["cat"].kind == "cat" and items["cat"].nbytes == 2 * nb
+    assert items["relu_"].kind == "relu_" and items["relu_"].nbytes == 2 * nb

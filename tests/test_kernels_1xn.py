@@ -120,16 +120,22 @@ def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, s
     assert torch.equal(y, y_op)
 
 
+@pytest.mark.parametrize("l1_kb", [None, "1"])
 @pytest.mark.parametrize(
-    "c,k,hw,ks,stride,pad", [(64, 64, 56, 3, 1, 1), (256, 64, 28, 1, 1, 0), (96, 128, 15, 3, 2, 1)]
+    "c,k,hw,ks,stride,pad",
+    [(64, 64, 56, 3, 1, 1), (256, 64, 28, 1, 1, 0), (96, 128, 15, 3, 2, 1), (256, 32, 14, 3, 1, 1)],
 )
-def test_conv_realistic_shapes(c, k, hw, ks, stride, pad):
-    """ResNet-like shapes (large tiles, several macro tiles, 2 threads) match the dense op."""
+def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
+    """ResNet-like shapes (many tiles and macro tiles, 2 threads, channel blocks) match dense.
+
+    GP_1XN_L1_KB=1 forces the smallest channel blocks, exercising partial-sum accumulation.
+    """
+    if l1_kb:
+        monkeypatch.setenv("GP_1XN_L1_KB", l1_kb)
     _, mask, sp = _sparse_conv(c, k, 16, 0.75, 0, kernel_size=ks, stride=stride, padding=pad)
-    conv_w = sp.to_dense()
     x = torch.randn(2, c, hw, hw)
-    ref = F.conv2d(x, conv_w, sp.bias, stride, pad)
     with torch.no_grad():
+        ref = F.conv2d(x, sp.to_dense(), sp.bias, stride, pad)
         for path in ("cpp", "reference"):
             assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
 

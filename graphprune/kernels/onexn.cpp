@@ -15,7 +15,15 @@
 // Two micro-kernels:
 //   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; natural NCHW store.
 //   ov ("output vectorised"): P pixels x NV vectors of W outputs; natural NHWC store.
-// The driver splits (pixel macro tiles x output groups) evenly over OpenMP threads.
+// The driver cuts the work into items (a macro tile of pixels x one output group, all items
+// equal work: uniform 1xN) that OpenMP threads claim in chunks from an atomic counter. Within
+// an item: tile, then an L1-sized block of kept channels, then the output chunks of the group.
+// While a tile is computed, its group's share of the next macro tile's channel rows is
+// prefetched into L2.
+//
+// Tuning knobs (environment, read per call): GP_1XN_MT_PX (pixels per macro tile, 1024),
+// GP_1XN_L1_KB (activation bytes per channel block, 24), GP_1XN_PF (0 disables the prefetch),
+// GP_1XN_ORDER (1 forces group-outer item order, 0 macro-tile-outer; default by traffic).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -70,6 +78,9 @@ struct Job {
   int64_t n_mt = 1;      // macro tiles in all
   bool g_outer = false;  // item order: (group, macro tile) instead of (macro tile, group)
   int64_t jblock = 1;    // pv: kept channels per L1 block
+  int64_t tail_max = 0;  // pv: an image's last vector with at most this many pixels goes to ov
+  int64_t C = 1;         // input channels
+  int64_t pf_start = 0, pf_lines = 0;  // pv: next-tile prefetch window (floats from f0, lines)
   int64_t chunk = 1;     // items handed to a thread at a time
   std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
 };
@@ -92,6 +103,10 @@ static inline MT vmask(int64_t n) {
   return n >= 16 ? (MT)0xFFFF : (MT)((1u << (unsigned)n) - 1u);
 }
 static inline VT vloadm(const float* p, MT m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline VT vloadm_into(VT old, const float* p, MT m) {
+  return _mm512_mask_loadu_ps(old, m, p);
+}
+static inline MT vmask_range(int64_t lo, int64_t hi) { return (MT)(vmask(hi) & ~vmask(lo)); }
 static inline void vstore(float* p, VT v) { _mm512_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm512_mask_storeu_ps(p, m, v); }
 static inline VT vfma(VT a, VT b, VT c) { return _mm512_fmadd_ps(a, b, c); }
@@ -118,6 +133,12 @@ static inline MT vmask(int64_t n) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 static inline VT vloadm(const float* p, MT m) { return _mm256_maskload_ps(p, m); }
+static inline VT vloadm_into(VT old, const float* p, MT m) {
+  return _mm256_blendv_ps(old, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+static inline MT vmask_range(int64_t lo, int64_t hi) {
+  return _mm256_andnot_si256(vmask(lo), vmask(hi));
+}
 static inline void vstore(float* p, VT v) { _mm256_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm256_maskstore_ps(p, m, v); }
 static inline VT vfma(VT a, VT b, VT c) { return _mm256_fmadd_ps(a, b, c); }
@@ -166,34 +187,16 @@ static int64_t env_int(const char* name, int64_t dflt) {
 }
 
 static int vec_width() { return g_isa == Isa::AVX512 ? 16 : 8; }
-static int pv_tile_px() { return g_isa == Isa::AVX512 ? avx512::pv_tile_px() : avx2::pv_tile_px(); }
-static int ov_tile_px() { return g_isa == Isa::AVX512 ? avx512::ov_tile_px() : avx2::ov_tile_px(); }
-
-static void run_job(Job& job) {
-  int nth = std::max(1, at::get_num_threads());
-  std::atomic<int64_t> next{0};
-  job.next = &next;
-  const int64_t total = job.n_mt * job.G;
-  // a few chunks per thread: balance (and robustness to a descheduled thread) vs locality
-  job.chunk = std::max<int64_t>(1, total / (4 * nth));
-  const Isa isa = g_isa;
-  auto body = [&](int tid, int nt) {
-    if (isa == Isa::AVX512)
-      avx512::run(job, tid, nt);
-    else
-      avx2::run(job, tid, nt);
-  };
-  if (nth == 1) {
-    body(0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(nth)
-  body(omp_get_thread_num(), omp_get_num_threads());
+static int pv_tile_px() {
+  return g_isa == Isa::AVX512 ? avx512::pv_tile_px() : avx2::pv_tile_px();
+}
+static int ov_tile_px() {
+  return g_isa == Isa::AVX512 ? avx512::ov_tile_px() : avx2::ov_tile_px();
 }
 
 // Fill in tiling and item order once geometry and pointers are set.
 static void plan_tiles(Job& job) {
-  const int64_t C_eff = std::max<int64_t>(job.kept, 1);
+  const int64_t kept_eff = std::max<int64_t>(job.kept, 1);
   if (job.kind == Kind::PV) {
     job.tile = pv_tile_px();
     job.ntile_img = (job.L + job.tile - 1) / job.tile;
@@ -205,17 +208,29 @@ static void plan_tiles(Job& job) {
   // pv: block the kept channels so one block's rows of a tile fit in about half of L1
   const int64_t span = job.toff.empty() ? 0 : job.toff.back() - job.toff.front();
   const int64_t ch_bytes = 4 * std::min(job.tile + span, job.tile * job.taps);
-  job.jblock = std::max<int64_t>(8, env_int("GP_1XN_L1_KB", 24) * 1024 / std::max<int64_t>(1, ch_bytes));
+  job.jblock =
+      std::max<int64_t>(8, env_int("GP_1XN_L1_KB", 24) * 1024 / std::max<int64_t>(1, ch_bytes));
+  job.tail_max = std::min<int64_t>(env_int("GP_1XN_TAIL", vec_width() / 2), ov_tile_px());
   const int64_t ntiles = job.B * job.ntile_img;
   const int64_t px_per_tile = std::max<int64_t>(1, job.L / job.ntile_img);
-  const int64_t target = env_int("GP_1XN_MT_PX", 192);
+  // Large macro tiles reuse a group's weights over more pixels and write long runs of each
+  // output row; keep at least a few items per thread.
+  const int64_t target = env_int("GP_1XN_MT_PX", 1024);
+  const int64_t nth = std::max(1, at::get_num_threads());
   job.mt_tiles = std::max<int64_t>(1, std::min<int64_t>(ntiles, target / px_per_tile));
+  while (job.mt_tiles > 1 && ((ntiles + job.mt_tiles - 1) / job.mt_tiles) * job.G < 4 * nth)
+    job.mt_tiles = (job.mt_tiles + 1) / 2;
   job.n_mt = (ntiles + job.mt_tiles - 1) / job.mt_tiles;
   // Re-read traffic of each order: weights once per macro tile vs activations once per group.
   const double wbytes = 4.0 * job.G * job.kept * job.taps * job.N;
-  const double abytes = 4.0 * job.B * C_eff * job.L;
+  const double abytes = 4.0 * job.B * kept_eff * job.L;
   const int64_t order = env_int("GP_1XN_ORDER", -1);
   job.g_outer = order >= 0 ? order == 1 : (job.n_mt * wbytes > job.G * abytes);
+  job.pf_lines = 0;
+  if (job.kind == Kind::PV && !job.g_outer && env_int("GP_1XN_PF", 1)) {
+    job.pf_start = job.toff.empty() ? 0 : job.toff.front();
+    job.pf_lines = (4 * (job.tile + std::min<int64_t>(span, 3 * job.Wq)) + 63) / 64;
+  }
 }
 
 // Columns j in [lo, hi) of a plane row whose source column j*stride + shift lies in [0, W).
@@ -236,101 +251,160 @@ struct Geom {
 
 // Build the planar (padded, phase-split) copy of x, or point at x when it can be read in place.
 // Returns the tensor that owns the memory (may be x itself).
-static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, Job& job) {
+// The copy of x into zero-padded, phase-split channel planes; run by the kernel's own threads.
+struct Pack {
+  const float* src = nullptr;
+  float* dst = nullptr;
+  bool from_nhwc = false;
+  Geom g{};
+  std::vector<std::pair<int64_t, int64_t>> planes;  // (row phase, column phase)
+  int64_t Hq = 0, Wq = 0, plane = 0, cs = 0, bs = 0;
+  int64_t units = 0;  // NCHW: one (image, channel); NHWC: one (image, plane, row)
+};
+
+static void pack_nchw(const Pack& pk, int64_t lo, int64_t hi) {
+  const Geom& g = pk.g;
+  for (int64_t bc = lo; bc < hi; ++bc)
+    for (int64_t p = 0; p < (int64_t)pk.planes.size(); ++p) {
+      const int64_t a = pk.planes[p].first, bb = pk.planes[p].second;
+      const Span sp = valid_span(pk.Wq, g.sw, bb - g.pw, g.W);
+      float* d0 = pk.dst + bc * pk.cs + p * pk.plane;
+      const float* s0 = pk.src + bc * g.H * g.W;
+      for (int64_t i = 0; i < pk.Hq; ++i) {
+        // plain loops, not memcpy/memset: rows are short and the calls would dominate
+        float* __restrict d = d0 + i * pk.Wq;
+        const int64_t ih = i * g.sh + a - g.ph;
+        const bool row_ok = ih >= 0 && ih < g.H;
+        const int64_t lo_j = row_ok ? sp.lo : pk.Wq, hi_j = row_ok ? sp.hi : pk.Wq;
+        const float* __restrict srow = s0 + ih * g.W + bb - g.pw;
+        for (int64_t j = 0; j < lo_j; ++j) d[j] = 0.f;
+        if (g.sw == 1)
+          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j];
+        else
+          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j * g.sw];
+        for (int64_t j = hi_j; j < pk.Wq; ++j) d[j] = 0.f;
+      }
+    }
+}
+
+// x is NHWC in memory: transpose rows of pixels into channel planes, 16 channels at a time.
+static void pack_nhwc(const Pack& pk, int64_t lo, int64_t hi) {
+  const Geom& g = pk.g;
+  const int64_t npl = (int64_t)pk.planes.size();
+  for (int64_t row = lo; row < hi; ++row) {
+    const int64_t b = row / (npl * pk.Hq), p = (row / pk.Hq) % npl, i = row % pk.Hq;
+    const int64_t a = pk.planes[p].first, bb = pk.planes[p].second;
+    const int64_t ih = i * g.sh + a - g.ph;
+    float* d0 = pk.dst + b * pk.bs + p * pk.plane + i * pk.Wq;
+    const Span sp =
+        (ih < 0 || ih >= g.H) ? Span{0, 0} : valid_span(pk.Wq, g.sw, bb - g.pw, g.W);
+    for (int64_t c = 0; c < g.C; ++c) {
+      std::memset(d0 + c * pk.cs, 0, sp.lo * sizeof(float));
+      std::memset(d0 + c * pk.cs + sp.hi, 0, (pk.Wq - sp.hi) * sizeof(float));
+    }
+    const float* srow = pk.src + ((b * g.H + ih) * g.W + bb - g.pw) * g.C;
+    for (int64_t c0 = 0; c0 < g.C; c0 += 16) {
+      const int64_t c1 = std::min(g.C, c0 + 16);
+      for (int64_t j = sp.lo; j < sp.hi; ++j) {
+        const float* src = srow + j * g.sw * g.C;
+        for (int64_t c = c0; c < c1; ++c) d0[c * pk.cs + j] = src[c];
+      }
+    }
+  }
+}
+
+static void pack_units(const Pack& pk, int64_t lo, int64_t hi) {
+  if (pk.from_nhwc)
+    pack_nhwc(pk, lo, hi);
+  else
+    pack_nchw(pk, lo, hi);
+}
+
+// Point the job at the planar (padded, phase-split) view of x: x itself when it can be read in
+// place, else a new buffer that `pk` describes how to fill. Returns the tensor owning the memory.
+static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, Job& job,
+                                 Pack& pk) {
   const int64_t rmax = (g.R - 1) * g.dh, smax = (g.S - 1) * g.dw;
+  job.ld = 1;
+  job.toff.clear();
   if (!x_cl && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0) {
     job.x = x.data_ptr<float>();
     job.Wq = g.W;
     job.cs = g.H * g.W;
     job.bs = g.C * g.H * g.W;
-    job.ld = 1;
-    job.toff.clear();
     for (int64_t r = 0; r < g.R; ++r)
       for (int64_t s = 0; s < g.S; ++s) job.toff.push_back(r * g.dh * g.W + s * g.dw);
     job.L = (g.Ho - 1) * job.Wq + g.Wo;
+    pk.units = 0;
     return x;
   }
   // phase planes used by some tap
   std::vector<int> plane_of(g.sh * g.sw, -1);
-  std::vector<std::pair<int64_t, int64_t>> planes;
+  pk.planes.clear();
   for (int64_t r = 0; r < g.R; ++r)
     for (int64_t s = 0; s < g.S; ++s) {
       int64_t a = (r * g.dh) % g.sh, b = (s * g.dw) % g.sw;
       if (plane_of[a * g.sw + b] < 0) {
-        plane_of[a * g.sw + b] = (int)planes.size();
-        planes.emplace_back(a, b);
+        plane_of[a * g.sw + b] = (int)pk.planes.size();
+        pk.planes.emplace_back(a, b);
       }
     }
-  const int64_t Hq = g.Ho + rmax / g.sh, Wq = g.Wo + smax / g.sw;
-  const int64_t npl = (int64_t)planes.size(), plane = Hq * Wq;
-  job.Wq = Wq;
-  job.cs = npl * plane;
-  job.bs = g.C * job.cs;
-  job.ld = 1;
-  job.toff.clear();
+  pk.g = g;
+  pk.Hq = g.Ho + rmax / g.sh;
+  pk.Wq = g.Wo + smax / g.sw;
+  pk.plane = pk.Hq * pk.Wq;
+  pk.cs = (int64_t)pk.planes.size() * pk.plane;
+  pk.bs = g.C * pk.cs;
+  job.Wq = pk.Wq;
+  job.cs = pk.cs;
+  job.bs = pk.bs;
   for (int64_t r = 0; r < g.R; ++r)
     for (int64_t s = 0; s < g.S; ++s) {
       int64_t a = (r * g.dh) % g.sh, b = (s * g.dw) % g.sw;
-      job.toff.push_back(plane_of[a * g.sw + b] * plane + (r * g.dh / g.sh) * Wq +
+      job.toff.push_back(plane_of[a * g.sw + b] * pk.plane + (r * g.dh / g.sh) * pk.Wq +
                          (s * g.dw / g.sw));
     }
-  job.L = (g.Ho - 1) * Wq + g.Wo;
+  job.L = (g.Ho - 1) * pk.Wq + g.Wo;
   // + one vector of slack so unmasked loads past the last plane stay inside the buffer
-  auto xq = at::empty({g.B * job.bs + 64}, x.options());
-  float* dst = xq.data_ptr<float>();
-  const float* src = x.data_ptr<float>();
-  job.x = dst;
-  std::memset(dst + g.B * job.bs, 0, 64 * sizeof(float));
-  if (!x_cl) {
-    at::parallel_for(0, g.B * g.C, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t bc = lo; bc < hi; ++bc)
-        for (int64_t p = 0; p < npl; ++p) {
-          const int64_t a = planes[p].first, bb = planes[p].second;
-          const Span sp = valid_span(Wq, g.sw, bb - g.pw, g.W);
-          float* d0 = dst + bc * job.cs + p * plane;
-          const float* s0 = src + bc * g.H * g.W;
-          for (int64_t i = 0; i < Hq; ++i) {
-            float* d = d0 + i * Wq;
-            const int64_t ih = i * g.sh + a - g.ph;
-            if (ih < 0 || ih >= g.H) {
-              std::memset(d, 0, Wq * sizeof(float));
-              continue;
-            }
-            const float* srow = s0 + ih * g.W + bb - g.pw;
-            std::memset(d, 0, sp.lo * sizeof(float));
-            if (g.sw == 1)
-              std::memcpy(d + sp.lo, srow + sp.lo, (sp.hi - sp.lo) * sizeof(float));
-            else
-              for (int64_t j = sp.lo; j < sp.hi; ++j) d[j] = srow[j * g.sw];
-            std::memset(d + sp.hi, 0, (Wq - sp.hi) * sizeof(float));
-          }
-        }
-    });
-  } else {
-    // x is NHWC in memory: transpose rows of pixels into channel planes, 16 channels at a time
-    at::parallel_for(0, g.B * npl * Hq, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t row = lo; row < hi; ++row) {
-        const int64_t b = row / (npl * Hq), p = (row / Hq) % npl, i = row % Hq;
-        const int64_t a = planes[p].first, bb = planes[p].second;
-        const int64_t ih = i * g.sh + a - g.ph;
-        float* d0 = dst + b * job.bs + p * plane + i * Wq;
-        const Span sp = (ih < 0 || ih >= g.H) ? Span{0, 0} : valid_span(Wq, g.sw, bb - g.pw, g.W);
-        for (int64_t c = 0; c < g.C; ++c) {
-          std::memset(d0 + c * job.cs, 0, sp.lo * sizeof(float));
-          std::memset(d0 + c * job.cs + sp.hi, 0, (Wq - sp.hi) * sizeof(float));
-        }
-        const float* srow = src + ((b * g.H + ih) * g.W + bb - g.pw) * g.C;
-        for (int64_t c0 = 0; c0 < g.C; c0 += 16) {
-          const int64_t c1 = std::min(g.C, c0 + 16);
-          for (int64_t j = sp.lo; j < sp.hi; ++j) {
-            const float* s = srow + j * g.sw * g.C;
-            for (int64_t c = c0; c < c1; ++c) d0[c * job.cs + j] = s[c];
-          }
-        }
-      }
-    });
-  }
+  auto xq = at::empty({g.B * pk.bs + 64}, x.options());
+  pk.dst = xq.data_ptr<float>();
+  pk.src = x.data_ptr<float>();
+  pk.from_nhwc = x_cl;
+  pk.units = x_cl ? g.B * (int64_t)pk.planes.size() * pk.Hq : g.B * g.C;
+  std::memset(pk.dst + g.B * pk.bs, 0, 64 * sizeof(float));
+  job.x = pk.dst;
   return xq;
+}
+
+// Fill the planar copy (if any), then run the items: one OpenMP region for both.
+static void run_job(Job& job, const Pack& pk) {
+  int nth = std::max(1, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  job.next = &next;
+  const int64_t total = job.n_mt * job.G;
+  // small chunks: balance (and robustness to a descheduled thread) beat locality here
+  job.chunk = std::max<int64_t>(1, total / (64 * nth));
+  const Isa isa = g_isa;
+  auto body = [&]() {
+    if (isa == Isa::AVX512)
+      avx512::run(job);
+    else
+      avx2::run(job);
+  };
+  if (nth == 1) {
+    if (pk.units) pack_units(pk, 0, pk.units);
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(nth)
+  {
+    if (pk.units) {
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      pack_units(pk, pk.units * t / nt, pk.units * (t + 1) / nt);
+#pragma omp barrier
+    }
+    body();
+  }
 }
 
 static void check_weights(const at::Tensor& values, const at::Tensor& indices,
@@ -396,12 +470,17 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
   if (g.B == 0) return y;
 
   Job job;
+  Pack pk;
   fill_weights(job, values, indices, bias, n);
   job.taps = R * S;
+  job.C = g.C;
   job.B = g.B; job.Ho = g.Ho; job.Wo = g.Wo;
   job.y = y.data_ptr<float>();
   job.y_cl = x_cl;
-  job.kind = (x_cl && n % vec_width() == 0) ? Kind::OV : Kind::PV;
+  // NHWC output: ov stores it directly; pv (full vectors over pixels) pays a transposed store
+  // but wins for N < W unless there are too few pixels to fill its vectors
+  job.kind = x_cl && (n % vec_width() == 0 || g.B * g.Ho * g.Wo < pv_tile_px()) ? Kind::OV
+                                                                                : Kind::PV;
   at::Tensor keep;
   const bool direct_nhwc = job.kind == Kind::OV && x_cl && R == 1 && S == 1 && sh == 1 &&
                            sw == 1 && ph == 0 && pw == 0;
@@ -410,10 +489,10 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
     job.cs = 1; job.ld = g.C; job.bs = g.H * g.W * g.C;
     job.Wq = g.W; job.L = g.H * g.W; job.toff = {0};
   } else {
-    keep = prepare_planar(x, x_cl, g, job);
+    keep = prepare_planar(x, x_cl, g, job, pk);
   }
   plan_tiles(job);
-  run_job(job);
+  run_job(job, pk);
   return y;
 }
 
@@ -428,14 +507,16 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
   const int64_t M = x.size(0), C = x.size(1);
   check_weights(values, indices, bias, n, C, 1);
   Job job;
+  Pack pk;
   fill_weights(job, values, indices, bias, n);
   auto y = at::empty({M, job.K}, x.options());
   if (M == 0) return y;
   job.taps = 1;
+  job.C = C;
   job.B = 1; job.Ho = 1; job.Wo = M;
   job.y = y.data_ptr<float>();
   job.y_cl = true;  // [M, K] is NHWC with H = 1, W = M
-  job.kind = n % vec_width() == 0 ? Kind::OV : Kind::PV;
+  job.kind = (n % vec_width() == 0 || M < pv_tile_px()) ? Kind::OV : Kind::PV;
   at::Tensor keep;
   if (job.kind == Kind::OV) {
     job.x = x.data_ptr<float>();
@@ -443,10 +524,10 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
     job.Wq = M; job.L = M; job.toff = {0};
   } else {
     Geom g{1, C, 1, M, job.K, 1, 1, 1, 1, 0, 0, 1, 1, 1, M};
-    keep = prepare_planar(x.view({1, 1, M, C}).permute({0, 3, 1, 2}), true, g, job);
+    keep = prepare_planar(x.view({1, 1, M, C}).permute({0, 3, 1, 2}), true, g, job, pk);
   }
   plan_tiles(job);
-  run_job(job);
+  run_job(job, pk);
   return y;
 }
 
@@ -473,20 +554,32 @@ static constexpr int ov_pmax(int nv) { return std::min(12, (NREG - 4) / nv); }
 int pv_tile_px() { return W * pv_vmax(pv_nc()); }
 int ov_tile_px() { return ov_pmax(ov_nv()); }
 
+// Where the lanes of each pixel vector of a pv tile go: vector v stores lanes `mask[v][k]` at
+// out + n * ldo + off[v][k] for k < count[v] (one segment per output row it touches, junk
+// columns masked off), so NCHW output is written in place even with padded planes.
+struct PvStore {
+  int count[8];
+  int64_t off[8][W + 1];
+  MT mask[8][W + 1];
+};
+
 // pv micro-kernel: out[n][p] = init[n][p] + sum_q w[q][n] * x[off[q] + p] over q = (j, t) pairs,
 // NC outputs x V vectors of W pixels, where init is out itself (acc_in) or the bias; lanes of
-// the last vector past `rem` are not loaded or stored. off[q] = idx[j] * cs + toff[t].
+// the last vector past `rem` are not loaded. off[q] = idx[j] * cs + toff[t].
 template <int NC, int V>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
                     const float* __restrict bias, float* __restrict out, int64_t ldo,
-                    bool acc_in) {
+                    bool acc_in, const PvStore& st) {
   VT acc[NC][V];
   const MT m = vmask(rem);
   if (acc_in) {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
-      GP_UNROLL for (int v = 0; v < V - 1; ++v) acc[n][v] = vload(out + n * ldo + v * W);
-      acc[n][V - 1] = vloadm(out + n * ldo + (V - 1) * W, m);
+      GP_UNROLL for (int v = 0; v < V; ++v) {
+        acc[n][v] = vzero();
+        for (int k = 0; k < st.count[v]; ++k)
+          acc[n][v] = vloadm_into(acc[n][v], out + n * ldo + st.off[v][k], st.mask[v][k]);
+      }
     }
   } else {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
@@ -506,31 +599,39 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
     }
   }
   GP_UNROLL for (int n = 0; n < NC; ++n) {
-    GP_UNROLL for (int v = 0; v < V - 1; ++v) vstore(out + n * ldo + v * W, acc[n][v]);
-    vstorem(out + n * ldo + (V - 1) * W, acc[n][V - 1], m);
+    GP_UNROLL for (int v = 0; v < V; ++v) {
+      for (int k = 0; k < st.count[v]; ++k)
+        vstorem(out + n * ldo + st.off[v][k], acc[n][v], st.mask[v][k]);
+    }
   }
 }
 
-// ov micro-kernel: P pixels x NV*W outputs; out[p] is a row pointer, or null for a junk pixel.
-// Pixel p of pair q is read at x[off[q] + p * ld]. U independent accumulator sets over q hide
-// the FMA latency when P*NV is small.
-template <int NV, int P, int U, bool UNIT>
+static constexpr int kWeightPrefetch = 4096;  // bytes ahead in the weight stream
+
+template <int NV, int P, int U, bool UNIT, bool MASKED>
 static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __restrict off,
                     int64_t nq, const float* __restrict w, int64_t N,
-                    const float* __restrict bias, float* const* out) {
+                    const float* __restrict bias, float* const* out, int64_t nlast) {
+  static_assert(!MASKED || NV == 1, "masked ov tiles have one output vector");
+  const MT mo = vmask(MASKED ? nlast : W);
   VT acc[U][P][NV];
   GP_UNROLL for (int u = 0; u < U; ++u)
     GP_UNROLL for (int p = 0; p < P; ++p)
-      GP_UNROLL for (int v = 0; v < NV; ++v)
-        acc[u][p][v] = (u == 0 && bias) ? vload(bias + v * W) : vzero();
+      GP_UNROLL for (int v = 0; v < NV; ++v) {
+        if (u > 0 || !bias)
+          acc[u][p][v] = vzero();
+        else
+          acc[u][p][v] = MASKED ? vloadm(bias, mo) : vload(bias + v * W);
+      }
   const int64_t step = UNIT ? 1 : ld;
   int64_t q = 0;
   for (; q + U <= nq; q += U) {
     GP_UNROLL for (int u = 0; u < U; ++u) {
       const float* xa = x + off[q + u];
       const float* wq = w + (q + u) * N;
+      if (u == 0) _mm_prefetch((const char*)wq + kWeightPrefetch, _MM_HINT_T0);
       VT b[NV];
-      GP_UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(wq + v * W);
+      GP_UNROLL for (int v = 0; v < NV; ++v) b[v] = MASKED ? vloadm(wq, mo) : vload(wq + v * W);
       GP_UNROLL for (int p = 0; p < P; ++p) {
         const VT a = vset1(xa[p * step]);
         GP_UNROLL for (int v = 0; v < NV; ++v) acc[u][p][v] = vfma(a, b[v], acc[u][p][v]);
@@ -541,7 +642,7 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
     const float* xa = x + off[q];
     const float* wq = w + q * N;
     VT b[NV];
-    GP_UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(wq + v * W);
+    GP_UNROLL for (int v = 0; v < NV; ++v) b[v] = MASKED ? vloadm(wq, mo) : vload(wq + v * W);
     GP_UNROLL for (int p = 0; p < P; ++p) {
       const VT a = vset1(xa[p * step]);
       GP_UNROLL for (int v = 0; v < NV; ++v) acc[0][p][v] = vfma(a, b[v], acc[0][p][v]);
@@ -552,15 +653,18 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
     GP_UNROLL for (int v = 0; v < NV; ++v) {
       VT s = acc[0][p][v];
       GP_UNROLL for (int u = 1; u < U; ++u) s = vadd(s, acc[u][p][v]);
-      vstore(out[p] + v * W, s);
+      if (MASKED)
+        vstorem(out[p], s, mo);
+      else
+        vstore(out[p] + v * W, s);
     }
   }
 }
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                      const float*, float*, int64_t, bool);
+                      const float*, float*, int64_t, bool, const PvStore&);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
-                      const float*, float* const*);
+                      const float*, float* const*, int64_t);
 
 // off[j * taps + t] = idx[j] * cs + toff[t] for output group g.
 static void fill_offsets(const Job& jb, int64_t g, int64_t* off) {
@@ -581,69 +685,140 @@ static const std::array<std::array<PvFn, 7>, 9> kPv =
     pv_table(std::make_integer_sequence<int, 9>{});
 
 static constexpr int ov_u(int nv, int p) { return nv * p >= 8 ? 1 : nv * p >= 4 ? 2 : 4; }
-template <int NV, bool UNIT, int... Ps>
+template <int NV, bool UNIT, bool MASKED, int... Ps>
 static constexpr std::array<OvFn, 13> ov_row(std::integer_sequence<int, Ps...>) {
   return {{&ov_tile<NV, std::max(1, std::min(Ps, ov_pmax(NV))),
-                    ov_u(NV, std::max(1, std::min(Ps, ov_pmax(NV)))), UNIT>...}};
+                    ov_u(NV, std::max(1, std::min(Ps, ov_pmax(NV)))), UNIT, MASKED>...}};
 }
-static const std::array<OvFn, 13> kOv1u = ov_row<1, true>(std::make_integer_sequence<int, 13>{});
-static const std::array<OvFn, 13> kOv2u = ov_row<2, true>(std::make_integer_sequence<int, 13>{});
-static const std::array<OvFn, 13> kOv1s = ov_row<1, false>(std::make_integer_sequence<int, 13>{});
-static const std::array<OvFn, 13> kOv2s = ov_row<2, false>(std::make_integer_sequence<int, 13>{});
+template <int NV, bool UNIT, bool MASKED>
+static constexpr std::array<OvFn, 13> ov_row() {
+  return ov_row<NV, UNIT, MASKED>(std::make_integer_sequence<int, 13>{});
+}
+// [kind][P]: kind = 0 one vector, 1 two vectors, 2 one masked vector; + 3 when ld == 1
+static const std::array<std::array<OvFn, 13>, 6> kOv = {{
+    ov_row<1, false, false>(), ov_row<2, false, false>(), ov_row<1, false, true>(),
+    ov_row<1, true, false>(), ov_row<2, true, false>(), ov_row<1, true, true>(),
+}};
 
-// Copy a pv tile buffer buf[n][f - f0] (flat positions f0..f0+cnt) into y, dropping junk
-// columns; NCHW or NHWC.
+// Copy a pv tile buffer buf[n][f - f0] (flat positions f0..f0+cnt) into the NHWC output,
+// dropping junk columns.
 static void pv_writeback(const Job& jb, const float* buf, int64_t ldb, int64_t nc, int64_t k0,
                          int64_t b, int64_t f0, int64_t cnt) {
   const int64_t HoWo = jb.Ho * jb.Wo;
-  int64_t f = f0;
-  const int64_t end = f0 + cnt;
-  while (f < end) {
+  for (int64_t f = f0; f < f0 + cnt; ++f) {
     const int64_t oh = f / jb.Wq, ow = f - oh * jb.Wq;
-    const int64_t row_end = std::min(end, oh * jb.Wq + jb.Wq);
-    const int64_t valid_end = std::min(row_end, oh * jb.Wq + jb.Wo);
-    if (ow < jb.Wo) {
-      const int64_t len = valid_end - f, pix = oh * jb.Wo + ow;
-      if (!jb.y_cl) {
-        for (int64_t n = 0; n < nc; ++n)
-          std::memcpy(jb.y + (b * jb.K + k0 + n) * HoWo + pix, buf + n * ldb + (f - f0),
-                      len * sizeof(float));
-      } else {
-        for (int64_t q = 0; q < len; ++q) {
-          float* d = jb.y + (b * HoWo + pix + q) * jb.K + k0;
-          for (int64_t n = 0; n < nc; ++n) d[n] = buf[n * ldb + (f - f0) + q];
-        }
-      }
-    }
-    f = row_end;
+    if (ow >= jb.Wo) continue;
+    float* d = jb.y + (b * HoWo + oh * jb.Wo + ow) * jb.K + k0;
+    for (int64_t n = 0; n < nc; ++n) d[n] = buf[n * ldb + (f - f0)];
   }
 }
 
-static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, const int64_t* off) {
+// Prefetch into L2 the rows of tile `tl` for this group's slice of all input channels, so the
+// items of one macro tile together pull in the next macro tile (the hardware prefetcher cannot
+// follow hundreds of channel rows).
+static void prefetch_next(const Job& jb, int64_t tl, int64_t g) {
+  if (tl >= jb.B * jb.ntile_img) return;
+  const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * jb.tile;
+  const int64_t c_lo = jb.C * g / jb.G, c_hi = jb.C * (g + 1) / jb.G;
+  const char* base = (const char*)(jb.x + b * jb.bs + f0 + jb.pf_start);
+  for (int64_t c = c_lo; c < c_hi; ++c)
+    for (int64_t l = 0; l < jb.pf_lines; ++l)
+      _mm_prefetch(base + c * jb.cs * 4 + l * 64, _MM_HINT_T1);
+}
+
+// The last few pixels of an image (a pv vector would be mostly empty lanes) go through the ov
+// kernel instead (vectorised over outputs, a broadcast per pixel), then are scattered into y.
+static void ov_tail(const Job& jb, int64_t g, int64_t b, int64_t f0, int64_t cnt,
+                    const int64_t* off, float* tbuf) {
+  const int64_t HoWo = jb.Ho * jb.Wo;
+  float* outp[16];
+  for (int64_t p = 0; p < cnt; ++p) outp[p] = tbuf + p * 2 * W;
+  for (int64_t c0 = 0; c0 < jb.N;) {
+    const int64_t left = jb.N - c0;
+    const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
+    const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
+    const int64_t k0 = g * jb.N + c0;
+    kOv[kind + 3][cnt](jb.x + b * jb.bs + f0, 1, off, jb.kept * jb.taps,
+                       jb.w + g * jb.kept * jb.taps * jb.N + c0, jb.N,
+                       jb.bias ? jb.bias + k0 : nullptr, outp, width);
+    for (int64_t p = 0; p < cnt; ++p) {
+      const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
+      if (ow >= jb.Wo) continue;
+      const int64_t pix = oh * jb.Wo + ow;
+      for (int64_t n = 0; n < width; ++n) {
+        const int64_t at = jb.y_cl ? (b * HoWo + pix) * jb.K + k0 + n
+                                   : (b * jb.K + k0 + n) * HoWo + pix;
+        jb.y[at] = outp[p][n];
+      }
+    }
+    c0 += width;
+  }
+}
+
+// Segments of each pixel vector of the tile [f0, f0 + cnt) (flat positions of image b):
+// NCHW in place when `in_place` (offsets relative to the output channel base), else a plain
+// [n][TP] buffer.
+static void pv_store_plan(const Job& jb, int64_t f0, int64_t cnt, bool in_place, PvStore& st) {
+  const int64_t junk = jb.Wq - jb.Wo;
+  for (int64_t v = 0; v * W < cnt; ++v) {
+    const int64_t f = f0 + v * W, lanes = std::min<int64_t>(W, cnt - v * W);
+    int k = 0;
+    if (!in_place) {
+      st.off[v][0] = v * W;
+      st.mask[v][0] = vmask(lanes);
+      k = 1;
+    } else {
+      for (int64_t i = 0; i < lanes;) {
+        const int64_t r = (f + i) / jb.Wq;
+        const int64_t row_end = std::min(f + lanes, r * jb.Wq + jb.Wq) - f;
+        const int64_t valid_end = std::min(row_end, r * jb.Wq + jb.Wo - f);
+        if (valid_end > i) {
+          st.off[v][k] = f - r * junk;
+          st.mask[v][k] = vmask_range(i, valid_end);
+          ++k;
+        }
+        i = row_end;
+      }
+    }
+    st.count[v] = k;
+  }
+}
+
+static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, float* tbuf,
+                    const int64_t* off) {
   const int64_t NC = pv_nc(), V = pv_vmax(NC), TP = jb.tile;
   const int64_t t_lo = mt * jb.mt_tiles;
   const int64_t t_hi = std::min(jb.B * jb.ntile_img, t_lo + jb.mt_tiles);
   const int64_t HoWo = jb.Ho * jb.Wo;
-  const bool direct = !jb.y_cl && jb.Wq == jb.Wo;
+  const bool in_place = !jb.y_cl;  // NCHW output written directly, NHWC through buf
   const float* wg = jb.w + g * jb.kept * jb.taps * jb.N;
+  PvStore st;
   // tile, then blocks of kept channels (whose rows of the tile stay in L1), then output chunks
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * TP;
-    const int64_t cnt = std::min(TP, jb.L - f0);
+    int64_t cnt = std::min(TP, jb.L - f0);
+    const int64_t last = (cnt - 1) % W + 1;  // pixels in the last pixel vector
+    const int64_t tail = last <= jb.tail_max ? last : 0;
+    cnt -= tail;
+    if (jb.pf_lines > 0) prefetch_next(jb, tl + jb.mt_tiles, g);
+    if (tail) ov_tail(jb, g, b, f0 + cnt, tail, off, tbuf);
+    if (cnt == 0) continue;
     const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
     const float* xb = jb.x + b * jb.bs + f0;
+    pv_store_plan(jb, f0, cnt, in_place, st);
     for (int64_t j0 = 0; j0 < std::max<int64_t>(jb.kept, 1); j0 += jb.jblock) {
       const int64_t q0 = j0 * jb.taps;
       const int64_t nq = (std::min(jb.kept, j0 + jb.jblock) - j0) * jb.taps;
       for (int64_t c0 = 0; c0 < jb.N; c0 += NC) {
         const int64_t nc = std::min(NC, jb.N - c0), k0 = g * jb.N + c0;
-        float* out = direct ? jb.y + (b * jb.K + k0) * HoWo + f0 : buf + c0 * TP;
-        const int64_t ldo = direct ? HoWo : TP;
+        float* out = in_place ? jb.y + (b * jb.K + k0) * HoWo : buf + c0 * TP;
+        const int64_t ldo = in_place ? HoWo : TP;
         kPv[nc][std::min<int64_t>(vused, V)](xb, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
-                                             jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0);
+                                             jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0,
+                                             st);
       }
     }
-    if (!direct)
+    if (!in_place)
       for (int64_t c0 = 0; c0 < jb.N; c0 += NC)
         pv_writeback(jb, buf + c0 * TP, TP, std::min(NC, jb.N - c0), g * jb.N + c0, b, f0, cnt);
   }
@@ -653,33 +828,36 @@ static void ov_item(const Job& jb, int64_t mt, int64_t g, const int64_t* off) {
   const int64_t t_lo = mt * jb.mt_tiles;
   const int64_t t_hi = std::min(jb.B * jb.ntile_img, t_lo + jb.mt_tiles);
   const int64_t HoWo = jb.Ho * jb.Wo;
-  const bool unit = jb.ld == 1;
+  const int64_t unit = jb.ld == 1 ? 3 : 0;
   float* outp[16];
   for (int64_t tl = t_lo; tl < t_hi; ++tl) {
     const int64_t b = tl / jb.ntile_img, i = tl % jb.ntile_img;
     const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
     const int64_t P = f1 - f0;
     const float* xb = jb.x + b * jb.bs + f0 * jb.ld;
-    for (int64_t c0 = 0; c0 < jb.N; c0 += ov_nv() * W) {
-      const int64_t nv = std::min<int64_t>(ov_nv(), (jb.N - c0) / W), k0 = g * jb.N + c0;
+    // output chunks: two full vectors, one full vector, or one masked remainder vector
+    for (int64_t c0 = 0; c0 < jb.N;) {
+      const int64_t left = jb.N - c0;
+      const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
+      const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
+      const int64_t k0 = g * jb.N + c0;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
         outp[p] = ow < jb.Wo ? jb.y + (b * HoWo + oh * jb.Wo + ow) * jb.K + k0 : nullptr;
       }
       const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
       const float* bg = jb.bias ? jb.bias + k0 : nullptr;
-      const auto& tab = nv == 2 ? (unit ? kOv2u : kOv2s) : (unit ? kOv1u : kOv1s);
-      tab[P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp);
+      kOv[kind + unit][P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp, width);
+      c0 += width;
     }
   }
 }
 
 // Claim chunks of (macro tile x group) items until none are left.
-void run(const Job& jb, int tid, int nth) {
-  (void)tid;
-  (void)nth;
+void run(const Job& jb) {
   const int64_t total = jb.n_mt * jb.G;
   std::vector<float> buf(jb.kind == Kind::PV ? jb.N * jb.tile + W : 0);
+  std::vector<float> tbuf(jb.kind == Kind::PV ? 16 * 2 * W : 0);
   std::vector<int64_t> off(jb.kept * jb.taps + 1);
   int64_t g_filled = -1;
   for (;;) {
@@ -694,7 +872,7 @@ void run(const Job& jb, int tid, int nth) {
         g_filled = g;
       }
       if (jb.kind == Kind::PV)
-        pv_item(jb, mt, g, buf.data(), off.data());
+        pv_item(jb, mt, g, buf.data(), tbuf.data(), off.data());
       else
         ov_item(jb, mt, g, off.data());
     }

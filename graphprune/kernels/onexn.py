@@ -560,8 +560,11 @@ class Linear1xN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         mod = _eager_ext(x, self.values, self.bias)
-        if mod is not None and x.dim() == 2 and self.indices.dtype == torch.int32:
-            return mod.linear_1xn(x, self.values, self.indices, self.bias, self.n)
+        if mod is not None and x.dim() >= 1 and self.indices.dtype == torch.int32:
+            y = mod.linear_1xn(
+                x.reshape(-1, x.shape[-1]), self.values, self.indices, self.bias, self.n
+            )
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return torch.ops.graphprune.linear_1xn(x, self.values, self.indices, self.bias, self.n)
 
     def extra_repr(self) -> str:
