@@ -13,8 +13,11 @@
 // input) is read in place with ld = C.
 //
 // Two micro-kernels:
-//   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; natural NCHW store.
-//   ov ("output vectorised"): P pixels x NV vectors of W outputs; natural NHWC store.
+//   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; writes NCHW in place (one
+//     masked store per output row a vector touches, junk columns masked off).
+//   ov ("output vectorised"): P pixels x NV vectors of W outputs (the last one masked when
+//     N % W != 0); natural NHWC store. Used for NHWC output with N % W == 0 or few pixels
+//     (linear layers, GEMV) and for the last few pixels of each image under pv.
 // The driver cuts the work into items (a macro tile of pixels x one output group, all items
 // equal work: uniform 1xN) that OpenMP threads claim in chunks from an atomic counter. Within
 // an item: tile, then an L1-sized block of kept channels, then the output chunks of the group.
@@ -23,7 +26,9 @@
 //
 // Tuning knobs (environment, read per call): GP_1XN_MT_PX (pixels per macro tile, 1024),
 // GP_1XN_L1_KB (activation bytes per channel block, 24), GP_1XN_PF (0 disables the prefetch),
-// GP_1XN_ORDER (1 forces group-outer item order, 0 macro-tile-outer; default by traffic).
+// GP_1XN_ORDER (1 forces group-outer item order, 0 macro-tile-outer; default by traffic),
+// GP_1XN_TAIL (an image's last pixel vector with at most this many pixels runs on the ov
+// kernel; default W/2).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
