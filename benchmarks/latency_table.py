@@ -32,8 +32,8 @@ from graphprune.cost import (
     LatencyTable,
     LoadProbe,
     estimate_model_latency,
-    layer_op,
     measure_latency,
+    measure_layer_points,
     measure_watched,
     model_cost_items,
 )
@@ -175,18 +175,6 @@ def heldout_points(table: LatencyTable, sig, n: int, rng: random.Random) -> list
     return sorted(pts)
 
 
-def direct_ms(sig, points: list[tuple[int, int]]) -> list[float]:
-    """Latency of the op at each point measured on its own, with the table's protocol
-    (re-measured when other processes loaded the machine)."""
-
-    def one(p):
-        fn, args = layer_op(sig, *p)
-        return measure_latency(fn, args, warmup=2, repeats=7, min_sample_ms=0.5)[0]
-
-    values, _ = measure_watched(points, one, LoadProbe())
-    return [values[p] for p in points]
-
-
 def rel_errors(pred: list[float], meas: list[float]) -> np.ndarray:
     return np.abs(np.asarray(pred) - np.asarray(meas)) / np.asarray(meas)
 
@@ -210,12 +198,13 @@ def table_errors(table: LatencyTable, n: int, rng: random.Random, lines: list) -
     for sig in table.sigs:
         d = table.describe(sig)
         pts = heldout_points(table, sig, n, rng)
-        meas = direct_ms(sig, pts)
-        corr = [table.lookup(sig, ci, co) for ci, co in pts]
-        coarse = [float(table.lookup_grid(sig, [ci], [co], correct=False)[0, 0]) for ci, co in pts]
         t = table.tables[sig]
         again = [(t.fine_in[-1], c) for c in rng.sample(t.fine_out, min(4, len(t.fine_out)))]
-        noise = rel_errors([table.lookup(sig, *p) for p in again], direct_ms(sig, again))
+        direct = measure_layer_points(sig, pts + again)  # one shuffled batch, table protocol
+        meas = [direct[p] for p in pts]
+        corr = [table.lookup(sig, ci, co) for ci, co in pts]
+        coarse = [float(table.lookup_grid(sig, [ci], [co], correct=False)[0, 0]) for ci, co in pts]
+        noise = rel_errors([table.lookup(sig, *p) for p in again], [direct[p] for p in again])
         e_corr, e_coarse = rel_errors(corr, meas), rel_errors(coarse, meas)
         pooled["corr"] += list(e_corr)
         pooled["coarse"] += list(e_coarse)
@@ -237,37 +226,79 @@ def table_errors(table: LatencyTable, n: int, rng: random.Random, lines: list) -
     return pooled
 
 
-def end_to_end(table: LatencyTable, batch: int, variants: int, lines: list) -> list[float]:
-    """Predicted vs measured latency of the dense ResNet-50 and slimmed variants."""
+def measure_models(models: dict, x: torch.Tensor, rounds: int = 3) -> dict[str, tuple]:
+    """Median over ``rounds`` interleaved rounds (each the median of 20 runs, re-measured under
+    load) of each model's latency, with the spread (max - min) of the rounds."""
+    points = [(name, r) for r in range(rounds) for name in models]
+
+    def one(p):
+        return measure_latency(models[p[0]], (x,), warmup=5, repeats=20)[0]
+
+    values, _ = measure_watched(points, one, LoadProbe(), chunk_s=0)
+    out = {}
+    for name in models:
+        v = [values[(name, r)] for r in range(rounds)]
+        out[name] = (float(np.median(v)), max(v) - min(v))
+    return out
+
+
+CALIBRATIONS = {
+    "additive, fit on dense": (["dense"], "additive"),
+    "scale + per-op, fit on dense & uniform 0.50": (["dense", "uniform 0.50"], "both"),
+}
+
+
+def end_to_end(table: LatencyTable, batch: int, variants: int, lines: list) -> dict:
+    """Predicted vs measured latency of the dense ResNet-50 and slimmed variants, raw and with
+    each calibration of :data:`CALIBRATIONS` (errors reported on the models not fitted on)."""
     rng = random.Random(1)
     configs = [("dense", None)]
     configs += [(f"uniform {f:.2f}", slim_widths(random.Random(0), f, f)) for f in (0.75, 0.5)]
     configs += [(f"random [0.25,1] #{i}", slim_widths(rng, 0.25, 1.0)) for i in range(variants)]
-    lines += [
-        "| model | GMACs | measured ms (IQR) | predicted ms | layers only | error |",
-        "|---|---|---|---|---|---|",
-    ]
-    errs, iqrs = [], {}
     x = torch.randn(batch, 3, 224, 224)
     models = {name: ResNet50(widths).eval() for name, widths in configs}
-
-    def one(name):
-        ms, iqrs[name] = measure_latency(models[name], (x,), warmup=5, repeats=15)
-        return ms
-
-    measured, _ = measure_watched(list(models), one, LoadProbe(), chunk_s=0)
-    for name, model in models.items():
-        meas, iqr = measured[name], iqrs[name]
-        pred, items = estimate_model_latency(model, x, table)
+    measured = measure_models(models, x)
+    raw = {n: estimate_model_latency(m, x, table, calibrated=False) for n, m in models.items()}
+    preds, fits = {}, {}
+    for label, (names, fit) in CALIBRATIONS.items():
+        pairs = [(models[n], x) for n in names]
+        fits[label] = table.calibrate(pairs, fit=fit, measured_ms=[measured[n][0] for n in names])
+        preds[label] = {n: estimate_model_latency(m, x, table)[0] for n, m in models.items()}
+    lines += ["Calibrations (`LatencyTable.calibrate`):", ""]
+    for label, cal in fits.items():
+        lines.append(
+            f"- {label}: scale {cal['scale']:.3f}, per-op {1e3 * cal['per_op_ms']:.1f} µs "
+            f"× {cal['fitted_on'][0]['ops']} ops"
+        )
+    head = " | ".join(f"{k} | error" for k in CALIBRATIONS)
+    lines += [
+        "",
+        f"| model | GMACs | measured ms (spread) | layers | raw prediction | error | {head} |",
+        "|---" * (6 + 2 * len(CALIBRATIONS)) + "|",
+    ]
+    errs = {k: [] for k in ["raw", *CALIBRATIONS]}
+    for name in models:
+        meas, spread = measured[name]
+        total, items = raw[name]
         layers = sum(it.ms for it in items if it.kind == "layer")
         gmacs = sum(_macs(it) for it in items) / 1e9
-        err = (pred - meas) / meas
-        errs.append(abs(err))
+        cells = [f"{total:.2f} | {100 * (total / meas - 1):+.1f}%"]
+        errs["raw"].append(abs(total / meas - 1))
+        for label, (names, _) in CALIBRATIONS.items():
+            p = preds[label][name]
+            mark = " (fit)" if name in names else ""
+            cells.append(f"{p:.2f} | {100 * (p / meas - 1):+.1f}%{mark}")
+            if not mark:
+                errs[label].append(abs(p / meas - 1))
         lines.append(
-            f"| {name} | {gmacs:.2f} | {meas:.2f} ({iqr:.2f}) | {pred:.2f} | {layers:.2f} | "
-            f"{100 * err:+.1f}% |"
+            f"| {name} | {gmacs:.2f} | {meas:.2f} ({spread:.2f}) | {layers:.2f} | "
+            + " | ".join(cells)
+            + " |"
         )
-    lines += ["", f"Max |error| end to end: **{100 * max(errs):.1f}%**.", ""]
+    lines += ["", "Max / mean |error| on the models not fitted on:", ""]
+    for k, e in errs.items():
+        lines.append(f"- {k}: **{100 * max(e):.1f}%** / {100 * np.mean(e):.1f}%")
+    lines.append("")
     return errs
 
 
@@ -351,8 +382,6 @@ def run_batch(batch: int, args, lines: list) -> None:
         f"{100 * mon.other:.0f}% of the CPUs meanwhile ({100 * load0:.0f}% just before).",
         "",
     ]
-    if args.save:
-        table.save(f"{args.save}-b{batch}.json")
     with LoadMonitor() as mon:
         table_errors(table, args.heldout, random.Random(batch), lines)
     lines += [
@@ -363,6 +392,8 @@ def run_batch(batch: int, args, lines: list) -> None:
     with LoadMonitor() as mon:
         end_to_end(table, batch, args.variants, lines)
         breakdown(table, batch, lines)
+    if args.save:
+        table.save(f"{args.save}-b{batch}.json")
     lines += [
         f"(other processes' CPU share during the end-to-end runs: {100 * mon.other:.0f}%)",
         "",

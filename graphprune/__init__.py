@@ -8,11 +8,17 @@
 
 from .analysis import Analysis, ChannelGroup
 from .api import analyze, apply, mask, plan, prune, stats
+from .backend import backend as backend
 from .config import PruneConfig
 from .errors import GraphpruneError, PlanError, TraceError, VerificationError
 from .plan import Flops, Latency, Params, Plan, Uniform
 from .sparsify import sparsify
 from .trace import Traced, trace
+from .training import BlockPruner as BlockPruner
+from .training import Ramp as Ramp
+from .training import SoftMaskPruner as SoftMaskPruner
+from .training import Sparse24Trainer as Sparse24Trainer
+from .training import hybrid_pipeline as hybrid_pipeline
 
 __all__ = [
     "analyze", "plan", "mask", "apply", "prune", "stats", "trace", "sparsify",

@@ -66,6 +66,7 @@ __all__ = [
     "LatencyTableMismatch",
     "LoadProbe",
     "measure_watched",
+    "measure_layer_points",
     "CostItem",
     "model_cost_items",
     "estimate_model_latency",
@@ -908,6 +909,7 @@ class LatencyTable:
         self.tables: dict[LayerSig, _SigTable] = {}
         self.overheads: dict[str, dict[str, list[float]]] = {}
         self._memo: dict[tuple, float] = {}
+        self.calibration: dict[str, Any] = {}
 
     # -- building ------------------------------------------------------------------------------
 
@@ -1049,6 +1051,58 @@ class LatencyTable:
         table.save(path)
         return table
 
+    def calibrate(
+        self,
+        model: Any,
+        example_inputs: Any = None,
+        fit: str = "auto",
+        repeats: int = 20,
+        warmup: int = 5,
+        measured_ms: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Fit what isolated timings miss inside a whole model (allocator page faults, Python
+        dispatch, thread-pool wake-ups) from end-to-end measurements of ``model`` (or of a list
+        of ``(model, example_inputs)``): ``measured ≈ scale * predicted + per_op_ms * ops``.
+
+        ``fit``: ``"additive"`` (``scale = 1``; one model suffices), ``"scale"``
+        (``per_op_ms = 0``), ``"both"`` (least squares; needs models of different sizes, e.g. the
+        dense model and a uniformly thinned copy) or ``"auto"`` (``"both"`` given two or more
+        models, else ``"additive"``). :func:`estimate_model_latency` applies the fit. Calibrate
+        once per device and model family. ``measured_ms`` supplies the end-to-end latencies
+        instead of measuring them here.
+        """
+        pairs = model if isinstance(model, (list, tuple)) else [(model, example_inputs)]
+        rows = []
+        for i, (m, x) in enumerate(pairs):
+            if measured_ms is not None:
+                measured = float(measured_ms[i])
+            else:
+                measured = self._measure_model(m, x, repeats, warmup)
+            predicted, items = estimate_model_latency(m, x, self, calibrated=False)
+            rows.append(
+                {
+                    "model": type(m).__name__,
+                    "measured_ms": measured,
+                    "predicted_ms": predicted,
+                    "ops": _op_count(items),
+                }
+            )
+        if fit == "auto":
+            fit = "both" if len(rows) > 1 else "additive"
+        scale, per_op = _fit_calibration(rows, fit)
+        self.calibration = {"scale": scale, "per_op_ms": per_op, "fit": fit, "fitted_on": rows}
+        return self.calibration
+
+    def _measure_model(self, model: nn.Module, inputs: Any, repeats: int, warmup: int) -> float:
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        probe = LoadProbe() if _first_device(model, inputs).type == "cpu" else None
+        threads = self.key["threads"]
+
+        def one(_):
+            return measure_latency(model, inputs, warmup, repeats, threads)[0]
+
+        return measure_watched([0], one, probe)[0][0]
+
     # -- queries -------------------------------------------------------------------------------
 
     def __contains__(self, sig: LayerSig) -> bool:
@@ -1145,6 +1199,7 @@ class LatencyTable:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tables": [t.to_dict() for t in self.tables.values()],
             "overheads": self.overheads,
+            "calibration": self.calibration,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -1178,6 +1233,7 @@ class LatencyTable:
             k: {"bytes": list(v["bytes"]), "ms": list(v["ms"])}
             for k, v in data.get("overheads", {}).items()
         }
+        table.calibration = dict(data.get("calibration", {}))
         table.check_key(expect, on_mismatch, source=str(path))
         return table
 
@@ -1341,6 +1397,30 @@ class _OpTimer:
         fn, args = layer_op(sig, c_in, c_out, self.device, arena, self.cold)
         w, r, dev = self.warmup, self.repeats, self.device
         return measure_latency(fn, args, w, r, None, self.min_sample_ms, dev)[0]
+
+
+def measure_layer_points(
+    sig: LayerSig,
+    points: Iterable[tuple[int, int]],
+    device: Any = None,
+    threads: int | None = None,
+    repeats: int = 7,
+    warmup: int = 2,
+    min_sample_ms: float = 0.5,
+    cold_weights: int = COLD_WEIGHT_BYTES,
+    watch_load: bool = True,
+) -> dict[tuple[int, int], float]:
+    """Latency (ms) of ``sig`` at each ``(c_in, c_out)`` with the protocol of
+    :meth:`LatencyTable.add` (shuffled order, cold weights, re-measured under load): use it to
+    check a table against direct measurements."""
+    device = torch.device(device if device is not None else sig.device)
+    timer = _OpTimer(device, warmup, repeats, min_sample_ms, cold_weights)
+    order = sorted(set(points))
+    random.Random(1).shuffle(order)
+    probe = LoadProbe() if watch_load and device.type == "cpu" else None
+    with num_threads(threads):
+        values, _ = measure_watched(order, lambda p: timer(sig, *p), probe)
+    return values
 
 
 def _measure_sig(
@@ -1566,10 +1646,12 @@ def estimate_model_latency(
     example_inputs: Any,
     table: LatencyTable,
     module_calls: bool = True,
+    calibrated: bool = True,
 ) -> tuple[float, list[CostItem]]:
     """Predicted latency (ms) of ``model`` on ``example_inputs``: table lookups for conv /
-    linear layers plus op overheads (plus a per-``nn.Module``-call constant when
-    ``module_calls``). Returns the total and the itemised list; ``"unknown"`` items cost 0 and
+    linear layers plus op overheads, plus a per-``nn.Module``-call constant when
+    ``module_calls`` and the table's fitted per-op constant (:meth:`LatencyTable.calibrate`)
+    when ``calibrated``. Returns the total and the itemised list; ``"unknown"`` items cost 0 and
     are listed so the caller can see what the estimate missed. Missing layers raise ``KeyError``."""
     items = model_cost_items(model, example_inputs)
     per_call = table.overhead("module_call", 0) if module_calls and table.overheads else 0.0
@@ -1581,7 +1663,33 @@ def estimate_model_latency(
     total = sum(it.ms for it in items)
     if per_call:
         total += per_call * _count_module_calls(model, example_inputs)
+    if calibrated and table.calibration:
+        cal = table.calibration
+        total = cal.get("scale", 1.0) * total + cal["per_op_ms"] * _op_count(items)
     return total, items
+
+
+def _fit_calibration(rows: list[dict], fit: str) -> tuple[float, float]:
+    """``(scale, per_op_ms)`` minimising the squared error of ``scale * predicted + per_op *
+    ops`` against ``measured`` over ``rows``."""
+    meas = np.array([r["measured_ms"] for r in rows])
+    pred = np.array([r["predicted_ms"] for r in rows])
+    ops = np.array([r["ops"] for r in rows], dtype=float)
+    if fit == "additive":
+        return 1.0, float(((meas - pred) @ ops) / max(ops @ ops, 1.0))
+    if fit == "scale":
+        return float((meas @ pred) / max(pred @ pred, 1e-12)), 0.0
+    if fit != "both":
+        raise ValueError(f"calibrate: fit must be auto | additive | scale | both, got {fit!r}")
+    if len(rows) < 2:
+        raise ValueError("calibrate(fit='both') needs two or more models of different sizes")
+    (scale, per_op), *_ = np.linalg.lstsq(np.stack([pred, ops], 1), meas, rcond=None)
+    return float(scale), float(per_op)
+
+
+def _op_count(items: Iterable[CostItem]) -> int:
+    """Ops that run kernels (everything but views and unknown calls)."""
+    return sum(1 for it in items if it.kind not in ("free", "unknown"))
 
 
 def _count_module_calls(model: nn.Module, example_inputs: Any) -> int:

@@ -464,3 +464,34 @@ def test_cost_items_kinds_and_bytes():
     assert items["mul"].kind == "mul_bcast" and items["mul"].nbytes == nb
     assert items["cat"].kind == "cat" and items["cat"].nbytes == 2 * nb
     assert items["relu_"].kind == "relu_" and items["relu_"].nbytes == 2 * nb
+
+
+def test_calibrate_fits_per_op_constant(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    sigs = [(it.sig, it.c_in, it.c_out) for it in model_cost_items(model, x) if it.kind == "layer"]
+    table, _ = fake_table(sigs)
+    table.overheads = {k: {"bytes": [0.0, 1e6], "ms": [0.0, 1e-3]} for k in cost.OVERHEAD_KINDS}
+    raw, _ = estimate_model_latency(model, x, table)
+    cal = table.calibrate(model, x, repeats=3, warmup=1)
+    (row,) = cal["fitted_on"]
+    assert row["ops"] == 3 and row["predicted_ms"] == pytest.approx(raw)
+    fitted, _ = estimate_model_latency(model, x, table)
+    assert fitted == pytest.approx(row["measured_ms"])
+    assert estimate_model_latency(model, x, table, calibrated=False)[0] == pytest.approx(raw)
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json", expect=None).calibration == cal
+
+
+def test_calibration_fits():
+    rows = [
+        {"measured_ms": 1.1 * p + 0.02 * n, "predicted_ms": p, "ops": n}
+        for p, n in [(40.0, 170), (15.0, 170), (25.0, 120)]
+    ]
+    assert cost._fit_calibration(rows, "both") == pytest.approx((1.1, 0.02))
+    scale, per_op = cost._fit_calibration(rows[:1], "additive")
+    assert scale == 1.0 and 40.0 + per_op * 170 == pytest.approx(rows[0]["measured_ms"])
+    scale, per_op = cost._fit_calibration(rows[:1], "scale")
+    assert per_op == 0.0 and scale * 40.0 == pytest.approx(rows[0]["measured_ms"])
+    with pytest.raises(ValueError):
+        cost._fit_calibration(rows[:1], "both")

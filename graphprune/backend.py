@@ -1,0 +1,731 @@
+"""The `torch.compile` backend: `torch.compile(model, backend="graphprune")`.
+
+Registered as `"graphprune"` when graphprune is imported (and through the
+`torch_dynamo_backends` entry point). Dynamo hands the backend one FX graph per captured region
+(a graph break gives several graphs; each is handled on its own) whose parameters and buffers are
+placeholders. The backend lifts them into the graph as constants, analyses the channel groups
+(the same op table as `gp.analyze`), rewrites, verifies, and hands the result to the inner
+compiler (`inner="inductor"` by default, `"eager"`, any Dynamo backend name or callable).
+
+**Lossless (default).** Nothing the model computes changes:
+
+* channels whose every consumer input (the conv/linear input-channel slices that read them) is
+  already all-zero, e.g. after soft-mask training, are removed with the slim pass; the result is
+  checked against the unmodified graph on random inputs (fp32 and fp64) and a group whose removal
+  changes the output (a norm or softmax over channels still sees it) is kept;
+* uniform 1xN block patterns already present in conv/linear weights become
+  `graphprune::conv2d_1xn` / `linear_1xn` ops (exact masks: the nonzero blocks), kept dense where
+  the sparse kernel is measured slower (`check_speed`); 2:4 patterns become
+  `to_sparse_semi_structured` weights where the kernels apply (CUDA, fp16/bf16), otherwise they
+  are reported and left dense.
+
+Graph inputs and outputs keep their shapes. A graph with nothing to exploit, a graph that needs
+gradients for parameters (grad mode on and a parameter with `requires_grad`), a training-mode
+graph (batch norm in training mode, dropout) and a graph with symbolic shapes are handed to the
+inner compiler unchanged.
+
+**Lossy (opt-in).** `gp.backend(target=gp.Flops(0.5), inner=...)` returns a backend that runs the
+pruning pipeline (analysis, plan, slim, verification against the masked oracle) on every captured
+graph with the given target and options (those of `gp.PruneConfig`). A graph without prunable
+channels, or one where the target is infeasible, is passed through with a warning.
+
+**Parameters are snapshots.** A graph the backend rewrites holds *copies* of the parameters and
+buffers it read at compile time: changing the model's weights afterwards (an optimizer step,
+`load_state_dict`, in-place edits) does not change what the compiled model computes, and no
+gradient reaches the model's parameters through a rewritten graph. Call `torch._dynamo.reset()`
+(or compile again) after changing weights. Graphs passed through unchanged read the live
+parameters as usual. Every compiled graph leaves a report in `graphprune.backend.reports()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import io
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = [
+    "graphprune_backend",
+    "backend",
+    "reports",
+    "last_report",
+    "Lifted",
+    "lift_parameters",
+    "analysis_of",
+    "zero_channel_plan",
+    "find_sparse_layers",
+    "unlift",
+    "register",
+]
+
+_REPORTS: collections.deque = collections.deque(maxlen=32)
+
+
+def reports() -> list[dict]:
+    """Reports of the most recent graphs the backend compiled (oldest first, at most 32)."""
+    return list(_REPORTS)
+
+
+def last_report() -> dict | None:
+    """The report of the last graph the backend compiled, or None."""
+    return _REPORTS[-1] if _REPORTS else None
+
+
+# ---- lifting parameters out of the Dynamo placeholders ----------------------------------------
+
+
+@dataclass
+class Lifted:
+    """A Dynamo graph with its parameters and buffers turned into graph constants (`get_attr`).
+
+    `keep` are the positions of Dynamo's example inputs that stay graph inputs (in order);
+    `params` maps each constant's qualified name to the tensor Dynamo passed (the model's own).
+    """
+
+    gm: fx.GraphModule
+    inputs: list
+    keep: list[int]
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+_KEY = re.compile(r"\[['\"]([^'\"]+)['\"]\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _source_name(node: fx.Node) -> str:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    try:
+        return src.name() if callable(getattr(src, "name", None)) else str(src or "")
+    except Exception:  # noqa: BLE001 - a source kind without a name
+        return ""
+
+
+def _is_param(node: fx.Node, value) -> bool:
+    if not isinstance(value, torch.Tensor):
+        return False
+    src = _source_name(node)
+    return (isinstance(value, nn.Parameter) or "._parameters[" in src or "._buffers[" in src
+            or getattr(value, "_dynamo_static_input_type", None) is not None)
+
+
+def _qualname(node: fx.Node) -> str:
+    """`L['self']._modules['conv1']._parameters['weight']` -> `conv1.weight` (else node name)."""
+    src = _source_name(node)
+    parts = []
+    for m in _KEY.finditer(src):
+        key = m.group(1) or m.group(2)
+        if key in ("_modules", "_parameters", "_buffers"):
+            continue
+        parts.append(key)
+    if len(parts) >= 2 and all(re.fullmatch(r"[A-Za-z0-9_]+", p) for p in parts[1:]):
+        return ".".join(parts[1:])
+    return node.name
+
+
+def _unique_names(names: list[str], fallback: list[str]) -> list[str]:
+    """Qualified names if they nest consistently (no name is another's prefix), else fallback."""
+    s = set(names)
+    bad = len(s) != len(names) or any(
+        n.rpartition(".")[0] and any(n.startswith(o + ".") for o in s) for n in names)
+    return fallback if bad else names
+
+
+def lift_parameters(gm: fx.GraphModule, example_inputs) -> Lifted:
+    """Turn parameter/buffer placeholders of a Dynamo graph into `get_attr` constants."""
+    g = copy.deepcopy(gm.graph)
+    phs = [n for n in g.nodes if n.op == "placeholder"]
+    ex = list(example_inputs)
+    lift = [i for i, (n, v) in enumerate(zip(phs, ex)) if _is_param(n, v)]
+    names = _unique_names([_qualname(phs[i]) for i in lift],
+                          [f"p_{phs[i].name.strip('_')}" for i in lift])
+    root: dict[str, Any] = {}
+    for n in g.nodes:
+        if n.op == "get_attr":
+            root[n.target] = _fetch(gm, n.target)
+        elif n.op == "call_module":
+            root[n.target] = gm.get_submodule(n.target)
+    first = next((n for n in g.nodes if n.op != "placeholder"), None)
+    params = {}
+    for i, name in zip(lift, names):
+        node = phs[i]
+        while name in root:
+            name = name + "_"
+        with g.inserting_before(first):
+            new = g.get_attr(name)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        root[name] = ex[i]
+        params[name] = ex[i]
+    keep = [i for i in range(len(phs)) if i not in set(lift)]
+    out = fx.GraphModule(root, g, "GraphpruneGraph")
+    return Lifted(out, [ex[i] for i in keep], keep, params)
+
+
+def _fetch(mod: nn.Module, target: str):
+    obj = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def analysis_of(lifted: Lifted, name: str = "dynamo graph"):
+    """Shapes on every node and the channel groups of a lifted graph (an `Analysis`)."""
+    from .analysis import analyze_graph
+    from .trace import Traced, _shapes
+
+    _shapes(lifted.gm, list(lifted.inputs))
+    return analyze_graph(Traced(lifted.gm, tuple(lifted.inputs), {}, "dynamo", name))
+
+
+# ---- why a graph is passed through unchanged --------------------------------------------------
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _training_op(gm: fx.GraphModule) -> str:
+    """A node that makes the graph stateful or random (training-mode norm, dropout), or ''."""
+    import torch.nn.functional as F
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in (F.batch_norm, F.instance_norm) and _arg(n, 5, "training", False) is True:
+            return f"{n.name}: batch norm in training mode"
+        if n.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout) and \
+                _arg(n, 2, "training", True) is True and _arg(n, 1, "p", 0.5) != 0:
+            return f"{n.name}: dropout in training mode"
+        if n.target in (torch.bernoulli, torch.rand, torch.randn, torch.rand_like,
+                        torch.randn_like, torch.randint):
+            return f"{n.name}: random op"
+    return ""
+
+
+def _skip_reason(gm: fx.GraphModule, example_inputs, lifted: Lifted) -> str:
+    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+        return "symbolic shapes (dynamic=True or a recompile with another size); compile with " \
+               "dynamic=False to slim"
+    why = _training_op(gm)
+    if why:
+        return f"training-mode graph ({why})"
+    if torch.is_grad_enabled() and any(p.requires_grad for p in lifted.params.values()):
+        return "gradients needed for parameters (grad mode is on); run under torch.no_grad() / " \
+               "torch.inference_mode() or call model.requires_grad_(False) to slim"
+    if not lifted.params:
+        return "no parameters in this graph"
+    return ""
+
+
+# ---- lossless: channels that are already dead -------------------------------------------------
+
+_CONSUMERS = ("conv", "conv_fn", "linear", "linear_fn")
+
+
+def _consumer_weights(a):
+    """(node, weight tensor, ParamInfo) for every non-transposed, non-depthwise conv/linear."""
+    from .optable import lookup
+
+    gm = a.graph
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function"):
+            continue
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = lookup(node, mod)
+        if rule is None or rule.name not in _CONSUMERS:
+            continue
+        if a.notes.get(node.name, {}).get("depthwise"):
+            continue
+        if mod is not None:
+            if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+                continue
+            w = getattr(mod, "weight", None)
+        else:
+            wn = _arg(node, 1, "weight")
+            if "transpose" in str(node.target) or getattr(node.target, "__name__", "").startswith(
+                    "conv_transpose") or not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
+                continue
+            w = _fetch(gm, wn.target)
+        info = a.params.get(id(w)) if isinstance(w, torch.Tensor) else None
+        if info is not None and w.ndim >= 2:
+            yield node, w, info
+
+
+def _column_liveness(a) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel class: seen by some consumer input axis, and nonzero in some consumer."""
+    n = len(a.class_group)
+    seen, alive = np.zeros(n, bool), np.zeros(n, bool)
+    for _node, w, info in _consumer_weights(a):
+        t = w.detach()
+        if info.grouped_in is not None:
+            g = info.grouped_in.shape[0]
+            nz = t.reshape(g, t.shape[0] // g, t.shape[1], -1).ne(0).any(3).any(1)  # [g, cin/g]
+            ids = info.grouped_in
+        else:
+            f = info.tmap.factor_of(1)
+            if f is None:
+                continue
+            nz = t.transpose(0, 1).reshape(t.shape[1], -1).ne(0).any(1)
+            ids = f.ids
+        labs = a.labels[np.asarray(ids).reshape(-1)]
+        seen[labs] = True
+        np.logical_or.at(alive, labs, nz.reshape(-1).numpy())
+    return seen, alive
+
+
+def _rows_keep(rows: np.ndarray, live: np.ndarray) -> list[int]:
+    """Same count per row: every live channel plus dead ones up to the largest live count."""
+    k = max(1, max(int(live[r].sum()) for r in rows))
+    keep = []
+    for r in rows:
+        order = sorted(r.tolist(), key=lambda i: (not live[i], i))
+        keep.extend(order[:k])
+    return sorted(keep)
+
+
+def zero_channel_plan(a):
+    """A Plan removing exactly the channels whose every consumer input slice is all-zero."""
+    from .plan import Plan, repair_empty
+
+    seen, alive = _column_liveness(a)
+    keep = {}
+    for g in a.prunable_groups:
+        dead = seen[g.classes] & ~alive[g.classes]
+        if not dead.any():
+            continue
+        live = ~dead
+        if g.rows is not None:
+            sel = _rows_keep(g.rows, live)
+        else:
+            sel = np.flatnonzero(live).tolist() or [0]
+            sel = list(repair_empty(a, g, tuple(sel), live.astype(float)))
+        if len(sel) < g.size:
+            keep[g.id] = tuple(sel)
+    sizes = {g.id: g.size for g in a.groups}
+    return Plan(keep, sizes, {"target": "lossless: all-zero consumer channels"})
+
+
+def _slim(a, plan) -> fx.GraphModule:
+    from .passes.cleanup import cleanup
+    from .passes.slim import slim
+
+    return cleanup(slim(a, plan))
+
+
+def _verify(new: fx.GraphModule, ref: fx.GraphModule, inputs, what: str) -> str:
+    """Check `new` against `ref` on random inputs (fx prints failing generated code to stderr:
+    a failure here is an expected outcome, so that print is swallowed)."""
+    from .verify import verify_against
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return str(verify_against(new, ref, tuple(inputs), {}, trials=2, what=what))
+
+
+def _lossless_slim(a, lifted: Lifted, rep: dict) -> fx.GraphModule | None:
+    """Slim the dead channels; groups whose removal changes the output are kept."""
+    from .errors import GraphpruneError
+    from .plan import Plan
+
+    plan = zero_channel_plan(a)
+    if not plan.keep:
+        return None
+    try:
+        new = _slim(a, plan)
+        rep["verify"] = _verify(new, lifted.gm, lifted.inputs, "lossless slimmed graph")
+    except GraphpruneError:
+        ok = {}
+        for gid, sel in plan.keep.items():
+            one = Plan({gid: sel}, plan.sizes, plan.meta)
+            try:
+                _verify(_slim(a, one), lifted.gm, lifted.inputs, "lossless slimmed graph")
+                ok[gid] = sel
+            except GraphpruneError as e:
+                rep.setdefault("kept_groups", {})[gid] = str(e).splitlines()[0]
+        if not ok:
+            return None
+        plan = Plan(ok, plan.sizes, plan.meta)
+        new = _slim(a, plan)
+        rep["verify"] = _verify(new, lifted.gm, lifted.inputs, "lossless slimmed graph")
+    rep["removed_channels"] = {int(g): plan.sizes[g] - len(k) for g, k in plan.keep.items()}
+    new.graphprune_plan = plan
+    return new
+
+
+# ---- lossless: sparse patterns already in the weights -----------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    """A conv/linear whose weight already holds a pattern: node name, "1xN" | "2:4", N, kept."""
+
+    node: str
+    pattern: str
+    n: int
+    kept: float
+
+
+def _dense_layers(gm: fx.GraphModule):
+    """(node, weight, bias, conv args or None) of plain 2-D convs and linears with constant weights."""
+    import torch.nn.functional as F
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (F.conv2d, F.linear):
+            continue
+        wn, bn = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
+            continue
+        if bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
+            continue
+        w = _fetch(gm, wn.target)
+        b = _fetch(gm, bn.target) if bn is not None else None
+        if node.target is F.conv2d:
+            conv = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                    _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1))
+            if conv[3] != 1 or w.ndim != 4:
+                continue
+            yield node, w, b, conv
+        elif w.ndim == 2:
+            yield node, w, b, None
+
+
+def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLayer]:
+    """Layers whose nonzero weights already form a uniform 1xN (largest N first) or 2:4 pattern."""
+    from .kernels.masks import is_1xn, is_24
+
+    out = []
+    for node, w, _b, _conv in _dense_layers(gm):
+        nz = w.detach() != 0
+        if not nz.any() or bool(nz.all()):
+            continue
+        k, c = nz.shape[:2]
+        hit = None
+        for n in ns:
+            if k % n == 0 and is_1xn(nz, n):
+                kept = int(nz.reshape(k // n, n, c, -1)[0, 0, :, 0].sum())
+                if 0 < kept < c:
+                    hit = SparseLayer(node.name, "1xN", n, kept / c)
+                break
+        if hit is None and is_24(nz):
+            hit = SparseLayer(node.name, "2:4", 4, float(nz.float().mean()))
+        if hit is not None:
+            out.append(hit)
+    return out
+
+
+def _modulize(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
+    """Turn the named functional conv2d/linear nodes into call_module nn.Conv2d / nn.Linear."""
+    import torch.nn.functional as F
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, name in enumerate(sorted(names)):
+        node = nodes[name]
+        w, b = _fetch(gm, node.args[1].target), None
+        bn = _arg(node, 2, "bias")
+        if bn is not None:
+            b = _fetch(gm, bn.target)
+        if node.target is F.conv2d:
+            stride, padding, dilation, _ = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                                            _arg(node, 5, "dilation", 1), 1)
+            mod = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride, padding, dilation,
+                            bias=b is not None, device="meta")
+        else:
+            mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+        mod.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        if b is not None:
+            mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        target = f"gp_sparse_{i}"
+        gm.add_submodule(target, mod)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        new.name = name if name not in {n.name for n in gm.graph.nodes} else new.name
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: dict):
+    """Put the found 1xN / 2:4 layers into sparse ops; returns the new graph or None."""
+    from .kernels.onexn import faster_than_dense
+    from .passes.sparse_ops import LayerSparsity, semi_structured_ok, sparse_ops
+
+    rep["sparse"] = [dict(vars(s)) for s in layers]
+    todo = {}
+    for s in layers:
+        entry = next(e for e in rep["sparse"] if e["node"] == s.node)
+        if s.pattern == "2:4":
+            w = _fetch(gm, next(n for n in gm.graph.nodes if n.name == s.node).args[1].target)
+            probe = nn.Linear(1, 1)
+            probe.weight = nn.Parameter(w.detach(), requires_grad=False)
+            if not semi_structured_ok(probe):
+                entry["applied"] = "no: 2:4 kernels need CUDA with fp16/bf16 (left dense)"
+                continue
+        todo[s.node] = s
+    if not todo:
+        return None
+    gm = _modulize(copy.deepcopy(gm), set(todo))
+    _shape_inputs(gm, inputs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    plan = []
+    for name, s in todo.items():
+        node = nodes[name]
+        mod = gm.get_submodule(node.target)
+        entry = next(e for e in rep["sparse"] if e["node"] == name)
+        if s.pattern == "1xN" and check_speed:
+            x = node.args[0].meta.get("val")
+            kw = ({"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}
+                  if isinstance(mod, nn.Conv2d) else {})
+            try:
+                ok, sp, de = faster_than_dense(mod, tuple(x.shape), s.n, 1 - s.kept, **kw)
+            except Exception as e:  # noqa: BLE001 - a layer the kernel does not take
+                ok, sp, de = False, float("nan"), float("nan")
+                entry["error"] = f"{type(e).__name__}: {e}"
+            if not ok:
+                entry["applied"] = f"no: sparse kernel slower here ({sp:.3f} ms vs {de:.3f} ms)"
+                continue
+        plan.append(LayerSparsity(name, s.pattern, s.n, mod.weight.detach() != 0))
+    if not plan:
+        return None
+    try:
+        new, how = sparse_ops(gm, plan)
+    except ValueError as e:
+        rep["sparse_error"] = str(e)
+        return None
+    for e in rep["sparse"]:
+        if e["node"] in how:
+            e["applied"] = how[e["node"]]
+    return new
+
+
+def _shape_inputs(gm: fx.GraphModule, inputs) -> None:
+    from .trace import _shapes
+
+    _shapes(gm, list(inputs))
+
+
+# ---- inner compiler ---------------------------------------------------------------------------
+
+
+def _inner(gm: fx.GraphModule, inputs, inner):
+    if inner in (None, "eager"):
+        return gm
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(inputs))
+    if isinstance(inner, str):
+        from torch._dynamo import lookup_backend
+
+        return lookup_backend(inner)(gm, list(inputs))
+    return inner(gm, list(inputs))
+
+
+def unlift(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """The form Dynamo hands to backends: every tensor constant (`get_attr`) becomes a leading
+    placeholder; returns the new graph and the constants to pass in front of the inputs."""
+    g = copy.deepcopy(gm.graph)
+    first = next(iter(g.nodes))
+    consts, seen = [], {}
+    for node in list(g.nodes):
+        if node.op != "get_attr":
+            continue
+        t = _fetch(gm, node.target)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if node.target not in seen:
+            with g.inserting_before(first):
+                ph = g.placeholder(f"c_{node.target.replace('.', '_')}")
+            ph.meta = dict(node.meta)
+            seen[node.target] = ph
+            consts.append(t.detach())
+        node.replace_all_uses_with(seen[node.target])
+        g.erase_node(node)
+    root = {n.target: gm.get_submodule(n.target) for n in g.nodes if n.op == "call_module"}
+    root.update({n.target: _fetch(gm, n.target) for n in g.nodes if n.op == "get_attr"})
+    out = fx.GraphModule(root, g, "GraphpruneGraph")
+    return out, consts
+
+
+def _caller(fn):
+    return lambda args: fn(*args)  # Dynamo's convention for what a backend returns
+
+
+def _wrap(compiled, keep: list[int] | None, rep: dict, consts=()):
+    call = _caller(compiled)
+    consts = list(consts)
+    if keep is None:
+        def run(*args):
+            return call(args)
+    else:
+        def run(*args):
+            return call(consts + [args[i] for i in keep])
+    run.graphprune_report = rep
+    return run
+
+
+def _count(gm: fx.GraphModule, example_inputs=None) -> tuple[int, int]:
+    """(parameter/constant elements, call nodes) of a graph."""
+    elems = sum(t.numel() for t in gm.state_dict().values())
+    if example_inputs is not None:
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        elems += sum(x.numel() for n, x in zip(phs, example_inputs) if _is_param(n, x))
+    calls = sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
+    return elems, calls
+
+
+def _pass_through(gm, example_inputs, inner, rep: dict, reason: str):
+    rep.update(action="passed through", reason=reason)
+    _REPORTS.append(rep)
+    return _wrap(_inner(gm, example_inputs, inner), None, rep)
+
+
+def _finish(new: fx.GraphModule, lifted: Lifted, inner, rep: dict, t0: float):
+    rep["params_after"], rep["calls_after"] = _count(new)
+    rep["seconds"] = round(time.perf_counter() - t0, 3)
+    rep["graph"] = new
+    _REPORTS.append(rep)
+    flat, consts = unlift(new)
+    return _wrap(_inner(flat, consts + list(lifted.inputs), inner), lifted.keep, rep, consts)
+
+
+# ---- the backends -----------------------------------------------------------------------------
+
+
+def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_speed: bool = True):
+    from .errors import GraphpruneError
+
+    t0 = time.perf_counter()
+    rep: dict = {"mode": "lossless"}
+    rep["params_before"], rep["calls_before"] = _count(gm, example_inputs)
+    try:
+        lifted = lift_parameters(gm, example_inputs)
+    except Exception as e:  # noqa: BLE001 - an unusual graph: compile it as it is
+        return _pass_through(gm, example_inputs, inner, rep, f"could not lift parameters: {e}")
+    why = _skip_reason(gm, example_inputs, lifted)
+    if why:
+        return _pass_through(gm, example_inputs, inner, rep, why)
+    cur = lifted.gm
+    try:
+        a = analysis_of(lifted)
+        slim = _lossless_slim(a, lifted, rep)
+        if slim is not None:
+            cur = slim
+        if sparse:
+            layers = find_sparse_layers(cur)
+            if layers:
+                sp = _sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep)
+                if sp is not None:
+                    rep["verify_sparse"] = _verify(sp, cur, lifted.inputs, "sparse graph")
+                    cur = sp
+    except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _pass_through(gm, example_inputs, inner, rep, f"analysis failed: {msg}")
+    if cur is lifted.gm:
+        return _pass_through(gm, example_inputs, inner, rep,
+                             "nothing to exploit (no all-zero channels, no sparse pattern)")
+    rep["action"] = "rewritten"
+    return _finish(cur, lifted, inner, rep, t0)
+
+
+def graphprune_backend(gm: fx.GraphModule, example_inputs, **opts):
+    """The lossless `torch.compile` backend (`backend="graphprune"`); see the module docstring.
+
+    Options (via `torch.compile(..., options=...)` they are not passed; use `gp.backend(...)`):
+    `inner` ("inductor" | "eager" | a backend name or callable), `sparse` (look for 1xN / 2:4
+    patterns, default True), `check_speed` (keep a 1xN layer dense when its kernel is slower).
+    """
+    return _lossless(gm, example_inputs, **opts)
+
+
+def _lossy(gm, example_inputs, cfg, inner):
+    from .api import apply
+    from .api import plan as make_plan
+    from .errors import PlanError
+
+    t0 = time.perf_counter()
+    rep: dict = {"mode": "lossy", "target": repr(cfg.target)}
+    rep["params_before"], rep["calls_before"] = _count(gm, example_inputs)
+    lifted = lift_parameters(gm, example_inputs)
+    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+        return _pass_through(gm, example_inputs, inner, rep, "symbolic shapes")
+    if not lifted.params:
+        return _pass_through(gm, example_inputs, inner, rep, "no parameters in this graph")
+    a = analysis_of(lifted)
+    if not a.prunable_groups:
+        warnings.warn("graphprune backend: a captured graph has no prunable channel group; "
+                      "compiled unchanged", stacklevel=2)
+        return _pass_through(gm, example_inputs, inner, rep, "no prunable channel group")
+    try:
+        p = make_plan(a, cfg.target, cfg.importance, config=cfg)
+    except PlanError as e:
+        warnings.warn(f"graphprune backend: {str(e).splitlines()[0]}; graph compiled unchanged",
+                      stacklevel=2)
+        return _pass_through(gm, example_inputs, inner, rep, f"plan error: {e}")
+    new = apply(a, p, verify=cfg.verify, trials=cfg.verify_trials, seed=cfg.seed)
+    rep.update(action="pruned", plan=p.to_json(), **new.graphprune_report)
+    return _finish(new, lifted, inner, rep, t0)
+
+
+def backend(target=None, *, inner="inductor", config=None, sparse: bool = True,
+            check_speed: bool = True, **options):
+    """A configured backend for `torch.compile(model, backend=gp.backend(...))`.
+
+    `target=None`: the lossless backend with these options. With a target (`gp.Flops(0.5)`,
+    `gp.Uniform(0.3)`, ...): the lossy mode, the pruning pipeline on every captured graph;
+    `config` / `options` are `gp.PruneConfig` fields (importance, round_to, min_channels, ...).
+    Rewritten graphs hold snapshots of the parameters (see the module docstring).
+    """
+    from .config import PruneConfig
+
+    if target is None and config is None and not options:
+        def lossless(gm, example_inputs):
+            return _lossless(gm, example_inputs, inner, sparse, check_speed)
+
+        lossless.__name__ = "graphprune_lossless"
+        return lossless
+    cfg = (config or PruneConfig()).update(**options)
+    if target is not None:
+        cfg = cfg.update(target=target)
+    if cfg.target is None:
+        raise ValueError("gp.backend: PruneConfig options given but no target; pass target=...")
+
+    def lossy(gm, example_inputs):
+        return _lossy(gm, example_inputs, cfg, inner)
+
+    lossy.__name__ = "graphprune_lossy"
+    return lossy
+
+
+def register() -> None:
+    """Register `"graphprune"` with Dynamo (idempotent; done on `import graphprune`)."""
+    try:
+        from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
+    except ImportError:  # pragma: no cover - a torch without Dynamo
+        return
+    # already known through the entry point (Dynamo registers it when it loads it) or registered
+    if "graphprune" not in _BACKENDS and "graphprune" not in _COMPILER_FNS:
+        register_backend(name="graphprune")(graphprune_backend)
+
+
+register()
+
+# `gp.backend` is this function (it shadows the module name on the package): reach the reports
+# through it, `gp.backend.last_report()` / `gp.backend.reports()`.
+backend.reports = reports  # type: ignore[attr-defined]
+backend.last_report = last_report  # type: ignore[attr-defined]
