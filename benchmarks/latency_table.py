@@ -349,16 +349,8 @@ def machine_info() -> list[str]:
     ]
 
 
-def run_batch(batch: int, args, lines: list) -> None:
-    x = torch.randn(batch, 3, 224, 224)
-    sigs = collect_sigs(ResNet50().eval(), x)
-    distinct = {s for s, _, _ in sigs}
-    lines += [
-        f"## ResNet-50, 224×224, batch {batch}",
-        "",
-        f"{len(sigs)} conv/linear layers, {len(distinct)} distinct signatures.",
-        "",
-    ]
+def measure_section(sigs: list, batch: int, args, lines: list) -> LatencyTable:
+    """Measure the table (timed), then its held-out prediction error."""
     load0 = wait_quiet(args.wait_quiet)
     with LoadMonitor() as mon:
         t0 = time.perf_counter()
@@ -388,6 +380,25 @@ def run_batch(batch: int, args, lines: list) -> None:
         f"(other processes' CPU share during the held-out checks: {100 * mon.other:.0f}%)",
         "",
     ]
+    return table
+
+
+def run_batch(batch: int, args, lines: list) -> None:
+    x = torch.randn(batch, 3, 224, 224)
+    sigs = collect_sigs(ResNet50().eval(), x)
+    distinct = {s for s, _, _ in sigs}
+    lines += [
+        f"## ResNet-50, 224×224, batch {batch}",
+        "",
+        f"{len(sigs)} conv/linear layers, {len(distinct)} distinct signatures.",
+        "",
+    ]
+    if args.load:
+        path = f"{args.load}-b{batch}.json"
+        table = LatencyTable.load(path)
+        lines += [f"Table loaded from `{path}` (measured earlier; see above).", ""]
+    else:
+        table = measure_section(sigs, batch, args, lines)
     wait_quiet(args.wait_quiet)
     with LoadMonitor() as mon:
         end_to_end(table, batch, args.variants, lines)
@@ -409,6 +420,7 @@ def main() -> None:
     p.add_argument("--coarse", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save", default=None, help="save tables as PREFIX-b<batch>.json")
+    p.add_argument("--load", default=None, help="load PREFIX-b<batch>.json instead of measuring")
     p.add_argument("--write", default=None, help="also write the Markdown to this file")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(

@@ -128,7 +128,7 @@ def exp_smcp(dense, seed, targets=(0.5, 0.3, 0.15)) -> dict:
                                schedule=gp.Ramp(start=0.0, end=0.5, every=8))
         fit(soft, CFG["smcp_ft"], 1e-3, seed + 2, pruner=pr)
         slim = pr.export()
-        out[str(f)] = {
+        out[str(f)] = {"churn": churn(pr),
             "hard_oneshot": h0, "hard": acc(hard), "soft": acc(slim),
             "hard_macs": gp.stats(hard, xte[:1])["macs"] / full,
             "soft_macs": gp.stats(slim, xte[:1])["macs"] / full,
@@ -136,6 +136,21 @@ def exp_smcp(dense, seed, targets=(0.5, 0.3, 0.15)) -> dict:
         }
     out["dense_ms"] = latency_ms(dense, xte[:64])
     return out
+
+
+def churn(pr) -> float:
+    """Mean share of channels whose kept count changed between consecutive re-solves in the
+    second half of the ramp (how much the soft masks still move)."""
+    ks = [np.array(list(h["kept"].values())) for h in pr.history]
+    ks = ks[len(ks) // 2:]
+    total = sum(g.size for g in pr.a.prunable_groups)
+    return float(np.mean([np.abs(a - b).sum() / total for a, b in zip(ks, ks[1:])] or [0.0]))
+
+
+def lat(model) -> dict:
+    """Median latency (ms, 1 thread) at batch 1 and 64."""
+    _, _, xte, _ = data()
+    return {"b1": latency_ms(model, xte[:1], 50), "b64": latency_ms(model, xte[:64], 20)}
 
 
 def _oneshot_1xn(dense, seed, layers, p):
@@ -167,7 +182,7 @@ def _export_1xn(model, masks):
 def exp_subp(dense, seed, p=0.75) -> dict:
     """SUBP from scratch (dense + fine-tune epochs in total) vs one-shot 1x16 + fine-tune."""
     _, _, xte, _ = data()
-    out = {"dense": acc(dense), "dense_ms": latency_ms(dense, xte[:64])}
+    out = {"dense": acc(dense), "dense_ms": lat(dense)}
     epochs = CFG["dense"] + CFG["subp_ft"]
     for crit in ("l1", "bpar"):
         torch.manual_seed(seed)
@@ -177,10 +192,10 @@ def exp_subp(dense, seed, p=0.75) -> dict:
         fit(m, epochs, 2e-3, seed, pruner=bp, epoch_end=bp.epoch_end)
         fast = bp.export()
         out[f"subp_{crit}"] = acc(fast)
-        out[f"subp_{crit}_ms"] = latency_ms(fast, xte[:64])
+        out[f"subp_{crit}_ms"] = lat(fast)
     m, masks, a0 = _oneshot_1xn(dense, seed, list(bp.layers.values()), p)
     fast = _export_1xn(m, masks)
-    out.update(oneshot_before_ft=a0, oneshot=acc(fast), oneshot_ms=latency_ms(fast, xte[:64]))
+    out.update(oneshot_before_ft=a0, oneshot=acc(fast), oneshot_ms=lat(fast))
     return out
 
 
@@ -226,23 +241,29 @@ def summary(res) -> str:
         lines.append(f"| {c} | " + " | ".join(ms(_col(res, "hybrid", c, k)) for k in
                                                ("pruned", "pruned_ft", "sparse24", "final")) + " |")
     lines += ["", "| SMCP (ResNet) FLOPs target | one-shot (no ft) | one-shot + ft | SMCP soft | "
-              "MACs kept hard / soft | latency ms hard / soft (dense) |", "|---|---|---|---|---|---|"]
+              "MACs kept hard / soft | latency ms hard / soft (dense) | mask churn |",
+              "|---|---|---|---|---|---|---|"]
     for f in [k for k in runs[0]["smcp"] if k != "dense_ms"]:
         g = lambda k, f=f: _col(res, "smcp", f, k)  # noqa: E731
         lines.append(f"| {f} | {ms(g('hard_oneshot'))} | {ms(g('hard'))} | {ms(g('soft'))} | "
                      f"{np.mean(g('hard_macs')):.3f} / {np.mean(g('soft_macs')):.3f} | "
                      f"{np.median(g('hard_ms')):.2f} / {np.median(g('soft_ms')):.2f} "
-                     f"({np.median(_col(res, 'smcp', 'dense_ms')):.2f}) |")
+                     f"({np.median(_col(res, 'smcp', 'dense_ms')):.2f}) | "
+                     f"{np.mean(g('churn')):.3f} |")
     sb = lambda k: _col(res, "subp", k)  # noqa: E731
-    lines += ["", "| 1x16 at 75% (ResNet) | accuracy | latency ms (batch 64, 1 thread) |",
-              "|---|---|---|",
-              f"| dense | {ms(sb('dense'))} | {np.median(sb('dense_ms')):.2f} |",
-              f"| one-shot from dense, before ft | {ms(sb('oneshot_before_ft'))} | |",
-              f"| one-shot from dense + ft | {ms(sb('oneshot'))} | "
-              f"{np.median(sb('oneshot_ms')):.2f} |"]
+    def lt(k):
+        b1 = np.median([d["b1"] for d in sb(k)])
+        b64 = np.median([d["b64"] for d in sb(k)])
+        return f"{b1:.3f} | {b64:.2f}"
+
+    lines += ["", "| 1x16 at 75% (ResNet) | accuracy | ms batch 1 | ms batch 64 |",
+              "|---|---|---|---|",
+              f"| dense | {ms(sb('dense'))} | {lt('dense_ms')} |",
+              f"| one-shot from dense, before ft | {ms(sb('oneshot_before_ft'))} | | |",
+              f"| one-shot from dense + ft | {ms(sb('oneshot'))} | {lt('oneshot_ms')} |"]
     for c in ("l1", "bpar"):
         lines.append(f"| SUBP {c} from scratch | {ms(sb('subp_' + c))} | "
-                     f"{np.median(sb('subp_' + c + '_ms')):.2f} |")
+                     f"{lt('subp_' + c + '_ms')} |")
     lines += ["", "| 2:4 retraining | dense | 2:4 masked | retrained | retrained - dense | "
               "kept magnitude |", "|---|---|---|---|---|---|"]
     for m in ("alexnet", "resnet"):
@@ -293,7 +314,7 @@ def plot_all(res, folder: Path) -> None:
     for key, lab in (("dense", "dense"), ("oneshot", "one-shot 1x16 + ft"),
                      ("subp_l1", "SUBP l1"), ("subp_bpar", "SUBP bpar")):
         y = np.asarray(_col(res, "subp", key), dtype=float)
-        x = np.median(_col(res, "subp", key + "_ms"))
+        x = np.median([d["b64"] for d in _col(res, "subp", key + "_ms")])
         ax.errorbar([x], [y.mean()], yerr=[y.std()], marker="o", capsize=4, label=lab)
     ax.set_xlabel("latency, batch 64, 1 thread (ms)")
     ax.set_ylabel("test accuracy (%)")

@@ -105,7 +105,8 @@ def _source_name(node: fx.Node) -> str:
     ga = node.meta.get("grapharg")
     src = getattr(ga, "source", None)
     try:
-        return src.name() if callable(getattr(src, "name", None)) else str(src or "")
+        name = getattr(src, "name", "")  # a property in recent torch, a method in older ones
+        return str(name() if callable(name) else name or "")
     except Exception:  # noqa: BLE001 - a source kind without a name
         return ""
 
@@ -296,13 +297,51 @@ def _rows_keep(rows: np.ndarray, live: np.ndarray) -> list[int]:
     return sorted(keep)
 
 
+_REDUCE_NAMES = ("mean", "var", "std", "amax", "amin", "logsumexp")
+
+
+def _reduced_groups(a) -> set[int]:
+    """Groups an op reduces over (norms, softmax, mean over channels): removing one of their
+    channels changes that op's result even when every consumer ignores the channel."""
+    from .optable import lookup
+    from .rules import _reduce_dims, arg
+    from .tmap import TMap
+
+    out: set[int] = set()
+    gm = a.graph
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = lookup(node, mod)
+        x = node.args[0] if node.args else None
+        tm = a.tmaps.get(x.name) if isinstance(x, fx.Node) else None
+        if rule is None or rule.oracle is None or not isinstance(tm, TMap):
+            continue
+        if rule.name in _REDUCE_NAMES:
+            axes = _reduce_dims(node, tm.ndim)
+        elif rule.name in ("softmax", "log_softmax") and mod is None:
+            axes = [int(arg(node, 1, "dim")) % tm.ndim]
+        else:
+            axes = range(tm.ndim)
+        for d in axes:
+            f = tm.factor_of(d)
+            if f is not None:
+                out |= {int(g) for g in a.class_group[a.labels[f.ids.reshape(-1)]] if g >= 0}
+    return out
+
+
 def zero_channel_plan(a):
-    """A Plan removing exactly the channels whose every consumer input slice is all-zero."""
+    """A Plan removing exactly the channels whose every consumer input slice is all-zero
+    (groups an op reduces over are left alone: see `_reduced_groups`)."""
     from .plan import Plan, repair_empty
 
     seen, alive = _column_liveness(a)
+    reduced = _reduced_groups(a)
     keep = {}
     for g in a.prunable_groups:
+        if g.id in reduced:
+            continue
         dead = seen[g.classes] & ~alive[g.classes]
         if not dead.any():
             continue
@@ -369,9 +408,11 @@ def _lossless_slim(a, lifted: Lifted, rep: dict) -> fx.GraphModule | None:
 
 @dataclass(frozen=True)
 class SparseLayer:
-    """A conv/linear whose weight already holds a pattern: node name, "1xN" | "2:4", N, kept."""
+    """A conv/linear whose weight already holds a pattern: node, layer (weight name without
+    `.weight`), "1xN" | "2:4", N and the kept fraction of its weights."""
 
     node: str
+    layer: str
     pattern: str
     n: int
     kept: float
@@ -407,6 +448,7 @@ def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLaye
 
     out = []
     for node, w, _b, _conv in _dense_layers(gm):
+        layer = node.args[1].target.removesuffix(".weight")
         nz = w.detach() != 0
         if not nz.any() or bool(nz.all()):
             continue
@@ -416,13 +458,32 @@ def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLaye
             if k % n == 0 and is_1xn(nz, n):
                 kept = int(nz.reshape(k // n, n, c, -1)[0, 0, :, 0].sum())
                 if 0 < kept < c:
-                    hit = SparseLayer(node.name, "1xN", n, kept / c)
+                    hit = SparseLayer(node.name, layer, "1xN", n, kept / c)
                 break
         if hit is None and is_24(nz):
-            hit = SparseLayer(node.name, "2:4", 4, float(nz.float().mean()))
+            hit = SparseLayer(node.name, layer, "2:4", 4, float(nz.float().mean()))
         if hit is not None:
             out.append(hit)
     return out
+
+
+def _sparse_name(gm: fx.GraphModule, node: fx.Node, i: int) -> str:
+    """The layer's own name (`features.3` for `features.3.weight`) when that module holds only
+    this layer's weight and bias, else `gp_sparse_<i>`."""
+    wt = node.args[1].target
+    bn = _arg(node, 2, "bias")
+    prefix, _, leaf = wt.rpartition(".")
+    if leaf == "weight" and prefix and (bn is None or bn.target == prefix + ".bias"):
+        try:
+            cont = gm.get_submodule(prefix)
+        except AttributeError:
+            cont = None
+        if cont is not None and type(cont) is nn.Module:
+            own = set(cont._parameters) | set(cont._buffers) | set(cont._modules)
+            own |= {k for k, v in vars(cont).items() if isinstance(v, torch.Tensor)}
+            if own <= {"weight", "bias"}:
+                return prefix
+    return f"gp_sparse_{i}"
 
 
 def _modulize(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
@@ -446,7 +507,7 @@ def _modulize(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
         mod.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         if b is not None:
             mod.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-        target = f"gp_sparse_{i}"
+        target = _sparse_name(gm, node, i)
         gm.add_submodule(target, mod)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (node.args[0],))
@@ -656,7 +717,7 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, **opts):
 def _lossy(gm, example_inputs, cfg, inner):
     from .api import apply
     from .api import plan as make_plan
-    from .errors import PlanError
+    from .errors import GraphpruneError, PlanError
 
     t0 = time.perf_counter()
     rep: dict = {"mode": "lossy", "target": repr(cfg.target)}
@@ -666,7 +727,10 @@ def _lossy(gm, example_inputs, cfg, inner):
         return _pass_through(gm, example_inputs, inner, rep, "symbolic shapes")
     if not lifted.params:
         return _pass_through(gm, example_inputs, inner, rep, "no parameters in this graph")
-    a = analysis_of(lifted)
+    try:
+        a = analysis_of(lifted)
+    except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
+        return _pass_through(gm, example_inputs, inner, rep, f"analysis failed: {e}")
     if not a.prunable_groups:
         warnings.warn("graphprune backend: a captured graph has no prunable channel group; "
                       "compiled unchanged", stacklevel=2)
@@ -677,7 +741,12 @@ def _lossy(gm, example_inputs, cfg, inner):
         warnings.warn(f"graphprune backend: {str(e).splitlines()[0]}; graph compiled unchanged",
                       stacklevel=2)
         return _pass_through(gm, example_inputs, inner, rep, f"plan error: {e}")
-    new = apply(a, p, verify=cfg.verify, trials=cfg.verify_trials, seed=cfg.seed)
+    try:
+        new = apply(a, p, verify=cfg.verify, trials=cfg.verify_trials, seed=cfg.seed)
+    except GraphpruneError as e:
+        warnings.warn(f"graphprune backend: {str(e).splitlines()[0]}; graph compiled unchanged",
+                      stacklevel=2)
+        return _pass_through(gm, example_inputs, inner, rep, f"pruning failed: {e}")
     rep.update(action="pruned", plan=p.to_json(), **new.graphprune_report)
     return _finish(new, lifted, inner, rep, t0)
 

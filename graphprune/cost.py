@@ -1014,8 +1014,9 @@ class LatencyTable:
         """Measure ms-vs-bytes curves of elementwise / norm / pooling ops (:data:`OVERHEAD_KINDS`)
         on sizes 2**10 .. ``max_numel`` elements, once per device (``watch_load`` as in
         :meth:`add`)."""
-        device = torch.device(device if device is not None else "cpu")
-        dtype = getattr(torch, self.key["dtype"])
+        if device is None:
+            device = self.sigs[0].device if self.tables else "cpu"
+        device, dtype = torch.device(device), getattr(torch, self.key["dtype"])
         with num_threads(self.key["threads"]):
             self.overheads = _measure_overheads(
                 device, dtype, max_numel, warmup, repeats, progress, watch_load

@@ -175,14 +175,19 @@ class BlockPruner:
         """The current bool mask of a layer (by module name)."""
         return self.masks[name].mask.bool()
 
-    def export(self, verify: bool = True) -> fx.GraphModule:
+    def export(self, verify: bool = True, check_speed: bool = False) -> fx.GraphModule:
         """A GraphModule whose masked layers are Conv2d1xN / Linear1xN modules (current masks),
-        verified against the masked dense model and the soft-masked training model."""
+        verified against the masked dense model and the soft-masked training model. With
+        `check_speed`, layers where the 1xN kernel is measured slower than dense here (at the
+        example input's shape) keep a masked dense weight instead (the same function)."""
         gm = trace(clean_copy(self.model), (self.traced.args, self.traced.kwargs),
                    method="fx").gm
         plan = [LayerSparsity(node, "1xN", self.n, self.mask_of(name).cpu())
                 for node, name in self.layers.items()]
-        out, how = sparse_ops(gm, plan)
+        slow = self._slow_layers(gm, plan) if check_speed else {}
+        out, how = sparse_ops(mask_dense(gm, [d for d in plan if d.node in slow]),
+                              [d for d in plan if d.node not in slow])
+        how.update({k: f"masked dense weight ({why})" for k, why in slow.items()})
         rep = {"pattern": self.pattern, "sparsity": self.sparsity(), "epoch": self.epoch,
                "layers": how}
         if verify:
@@ -192,4 +197,16 @@ class BlockPruner:
             rep["vs_soft_masked_model"] = check_same(self.model, out, self.traced.args,
                                                      self.traced.kwargs, "1xN model")
         out.graphprune_report = rep
+        return out
+
+    def _slow_layers(self, gm: fx.GraphModule, plan) -> dict[str, str]:
+        from ..sparsify import _slower
+
+        nodes = {n.name: n for n in gm.graph.nodes}
+        out = {}
+        for d in plan:
+            node = nodes[d.node]
+            why = _slower(gm.get_submodule(node.target), node, self.n, self.sparsity(), None)
+            if why:
+                out[d.node] = why
         return out

@@ -272,6 +272,7 @@ class _Consumer:
     name: str  # qualified parameter name, e.g. "layer1.0.conv1.weight"
     labels: np.ndarray  # [C_in] or [groups, C_in/groups] class labels
     grouped: bool
+    out_labels: np.ndarray | None = None  # [C_out] class labels of the output rows
     mask: STMask | None = None
 
     def mask_tensor(self, alive: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
@@ -283,14 +284,18 @@ class _Consumer:
             m = m.reshape(1, -1)
         return m.reshape(m.shape + (1,) * (weight.ndim - 2))
 
-    def channel_stat(self, wg: torch.Tensor) -> np.ndarray:
-        """|sum of w*g| per input position, in the shape of `labels`."""
+    def channel_stat(self, wg: torch.Tensor, alive: np.ndarray) -> np.ndarray:
+        """Signed sum of w*g per input position over the output rows still alive, in the shape
+        of `labels` (SMCP sums over a layer's kept outputs only)."""
+        if self.out_labels is not None:
+            rows = torch.as_tensor(alive[self.out_labels], dtype=wg.dtype)
+            wg = wg * rows.reshape(-1, *([1] * (wg.ndim - 1)))
         if self.grouped:
             g, cin = self.labels.shape
             v = wg.reshape(g, -1, cin, *wg.shape[2:]).sum(dim=[1] + list(range(3, wg.ndim + 1)))
         else:
             v = wg.sum(dim=[d for d in range(wg.ndim) if d != 1])
-        return v.abs().double().cpu().numpy()
+        return v.double().cpu().numpy()
 
 
 def _consumers(a: Analysis) -> list[_Consumer]:
@@ -301,12 +306,14 @@ def _consumers(a: Analysis) -> list[_Consumer]:
         if info is None or id(info) in seen or len(info.tmap.shape) < 2:
             continue
         seen.add(id(info))
+        f0 = info.tmap.factor_of(0)
+        rows = a.labels[f0.ids] if f0 is not None and len(f0.axes) == 1 else None
         if info.grouped_in is not None:
-            out.append(_Consumer(name, a.labels[info.grouped_in], True))
+            out.append(_Consumer(name, a.labels[info.grouped_in], True, rows))
             continue
         f = info.tmap.factor_of(1)
         if f is not None and len(f.axes) == 1:
-            out.append(_Consumer(name, a.labels[f.ids], False))
+            out.append(_Consumer(name, a.labels[f.ids], False, rows))
     return out
 
 
@@ -390,11 +397,13 @@ class SoftMaskPruner:
 
     @torch.no_grad()
     def _accumulate(self) -> None:
+        """SMCP's Taylor score: per channel |sum over the group's consumers (kept output rows,
+        all taps) of w * g| for this batch, then a momentum average over batches."""
         cur = np.zeros_like(self.scores)
         for c, w in self._weights():
             if w.grad is not None:
-                np.add.at(cur, c.labels, c.channel_stat(w.detach() * w.grad))
-        self.scores = self.momentum * self.scores + (1.0 - self.momentum) * cur
+                np.add.at(cur, c.labels, c.channel_stat(w.detach() * w.grad, self.alive))
+        self.scores = self.momentum * self.scores + (1.0 - self.momentum) * np.abs(cur)
 
     @torch.no_grad()
     def _decay(self) -> None:

@@ -1,0 +1,198 @@
+"""The torch.compile backend: lossless by default (equals eager, slims dead channels, finds 1xN
+patterns), lossy on request, parameters snapshotted in rewritten graphs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphprune as gp
+from graphprune.kernels.masks import is_1xn
+from graphprune.zoo import ZOO
+
+torch.set_num_threads(1)
+
+
+def zeroed(name: str, ratio: float = 0.5):
+    """A zoo model whose pruned channels are already zero, as after soft-mask training."""
+    model, (x,) = ZOO[name]()
+    a = gp.analyze(model, x)
+    ref = gp.mask(a, gp.plan(a, gp.Uniform(ratio)))
+    model.load_state_dict(ref.state_dict(), strict=False)
+    return model, x
+
+
+def compiled(model, x, **opts):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(model, backend=gp.backend(inner="eager", **opts))(x)
+    return y, gp.backend.last_report()
+
+
+def rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet", "vit", "convnext"])
+def test_lossless_equals_eager_and_slims(name):
+    model, x = zeroed(name)
+    with torch.no_grad():
+        ref = model(x)
+    y, rep = compiled(model, x)
+    assert rel(y, ref) < 1e-5
+    assert rep["action"] == "rewritten", rep.get("reason")
+    assert rep["params_after"] < 0.9 * rep["params_before"]
+    assert sum(rep["removed_channels"].values()) > 0
+    assert "fp64" in rep["verify"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_lossless_without_zeros_passes_through(name):
+    model, (x,) = ZOO[name]()
+    with torch.no_grad():
+        ref = model(x)
+    y, rep = compiled(model, x)
+    assert rel(y, ref) < 1e-6
+    assert rep["action"] == "passed through"
+    assert "nothing to exploit" in rep["reason"]
+
+
+def test_registered_inductor_string_backend():
+    model, x = zeroed("mlp")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x)
+        y = torch.compile(model, backend="graphprune")(x)
+    rep = gp.backend.last_report()
+    assert rep["action"] == "rewritten"
+    assert rel(y, ref) < 1e-5
+
+
+def test_entry_point_resolves_without_importing_graphprune():
+    code = ("import torch, sys; fn = torch._dynamo.lookup_backend('graphprune'); "
+            "assert fn.__name__ == 'graphprune_backend', fn; "
+            "assert 'graphprune' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_parameters_are_snapshotted_in_rewritten_graphs():
+    model, x = zeroed("mlp")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        before = model(x)
+        fast = torch.compile(model, backend=gp.backend(inner="eager"))
+        assert rel(fast(x), before) < 1e-6
+        assert gp.backend.last_report()["action"] == "rewritten"
+        for p in model.parameters():
+            p.mul_(2.0)
+        changed = model(x)
+        assert rel(changed, before) > 1e-2
+        assert rel(fast(x), before) < 1e-6  # the snapshot, not the new weights
+        torch._dynamo.reset()  # recompiling picks the new weights up
+        assert rel(torch.compile(model, backend=gp.backend(inner="eager"))(x), changed) < 1e-6
+
+
+def test_grad_mode_passes_through_and_gradients_reach_the_model():
+    model, x = zeroed("mlp")
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=gp.backend(inner="eager"))
+    fast(x).sum().backward()
+    rep = gp.backend.last_report()
+    assert rep["action"] == "passed through" and "gradients" in rep["reason"]
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():  # live parameters: a passed-through graph sees the change
+        for p in model.parameters():
+            p.mul_(2.0)
+        assert rel(fast(x), model(x)) < 1e-6
+
+
+class _TwoParts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.b = nn.Sequential(nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        y = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(y)
+
+
+def test_graph_breaks_are_handled_per_subgraph():
+    m = _TwoParts().eval()
+    with torch.no_grad():
+        m.a[0].weight[5:9] = 0  # channels 5..8 between a[0] and a[2]: dead
+        m.a[2].weight[:, 5:9] = 0
+        m.b[3].weight[:, 10:20] = 0  # channels 10..19 between b[1] and b[3]: dead
+    x = torch.randn(3, 8)
+    n0 = len(gp.backend.reports())
+    y, _ = compiled(m, x)
+    reps = gp.backend.reports()[n0:]
+    assert len(reps) == 2 and all(r["action"] == "rewritten" for r in reps)
+    assert [sum(r["removed_channels"].values()) for r in reps] == [4, 10]
+    with torch.no_grad():
+        assert rel(y, m(x)) < 1e-6
+
+
+def test_dynamic_false_slims_every_batch_size():
+    model, x = zeroed("mlp")
+    torch._dynamo.reset()
+    n0 = len(gp.backend.reports())
+    fast = torch.compile(model, backend=gp.backend(inner="eager"), dynamic=False)
+    with torch.no_grad():
+        for b in (2, 5):
+            xb = torch.randn(b, *x.shape[1:])
+            assert rel(fast(xb), model(xb)) < 1e-5
+    assert [r["action"] for r in gp.backend.reports()[n0:]] == ["rewritten", "rewritten"]
+
+
+def _exact_1x16(cin=64, cout=64, kept=16):
+    """Conv weights with a uniform 1x16 pattern in which every input channel is kept somewhere."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    mask = torch.zeros(cout // 16, cin, dtype=torch.bool)
+    for g in range(cout // 16):
+        mask[g, (torch.arange(kept) + g * kept) % cin] = True
+    full = mask[:, None, :, None, None].expand(cout // 16, 16, cin, 3, 3).reshape(conv.weight.shape)
+    with torch.no_grad():
+        conv.weight.mul_(full)
+    return conv
+
+
+def test_lossless_turns_existing_1xn_patterns_into_sparse_ops():
+    m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), _exact_1x16(), nn.ReLU(),
+                      nn.Conv2d(64, 8, 1)).eval()
+    assert is_1xn(m[2].weight != 0, 16)
+    x = torch.randn(2, 3, 8, 8)
+    y, rep = compiled(m, x, check_speed=False)
+    with torch.no_grad():
+        assert rel(y, m(x)) < 1e-5
+    assert rep["action"] == "rewritten"
+    (hit,) = rep["sparse"]
+    assert hit["pattern"] == "1xN" and hit["n"] == 16 and hit["layer"] == "2"
+    assert "conv2d_1xn" in hit["applied"]
+    assert "graphprune.conv2d_1xn" in rep["graph"].code or any(
+        type(mod).__name__ == "Conv2d1xN" for mod in rep["graph"].modules())
+
+
+def test_lossy_mode_prunes_to_a_target():
+    model, (x,) = ZOO["resnet18"]()
+    with torch.no_grad():
+        ref = model(x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(model, backend=gp.backend(gp.Uniform(0.5), inner="eager"))(x)
+    rep = gp.backend.last_report()
+    assert rep["action"] == "pruned" and rep["mode"] == "lossy"
+    assert rep["params_after"] < 0.5 * rep["params_before"]
+    assert y.shape == ref.shape and "fp32" in rep["verify"]
+    assert gp.Plan.from_json(rep["plan"]).keep
+
+
+def test_lossy_backend_needs_a_target_for_options():
+    with pytest.raises(ValueError, match="target"):
+        gp.backend(round_to=8)
