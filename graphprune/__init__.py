@@ -12,7 +12,8 @@ from .backend import backend as backend
 from .config import PruneConfig
 from .errors import GraphpruneError, PlanError, TraceError, VerificationError
 from .plan import Flops, Latency, Params, Plan, Uniform
-from .saving import load as load, save as save
+from .saving import load as load
+from .saving import save as save
 from .sparsify import sparsify
 from .trace import Traced, trace
 from .training import BlockPruner as BlockPruner
