@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 
 from graphprune.cost import (
-    LOAD_THRESHOLD,
     LatencyTable,
     LoadProbe,
     estimate_model_latency,
@@ -145,7 +144,7 @@ class LoadMonitor:
 
 def wait_quiet(limit_s: float) -> float:
     """Wait (up to ``limit_s``) until other processes go quiet; returns their last CPU share."""
-    return LoadProbe().wait_quiet(limit_s, LOAD_THRESHOLD, step_s=3.0)
+    return LoadProbe().wait_quiet(limit_s, step_s=3.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from graphprune.zoo import alexnet, resnet18
 
 HERE = Path(__file__).parent
 DATA: tuple = ()
-CFG = {"dense": 20, "ft": 3, "smcp_ft": 8, "subp_ft": 10, "asp_ft": 5, "bs": 64}
+CFG = {"dense": 20, "ft": 3, "smcp_ft": 8, "subp_ft": 10, "asp_ft": 20, "bs": 64}
+RATIOS = ("0.4", "0.6")  # filters removed before 2:4 in the hybrid experiment
 
 
 def data():
@@ -90,7 +91,11 @@ def dense_model(kind: str, seed: int):
 
 
 def exp_hybrid(dense, seed) -> dict:
-    """Filter prune 40% -> fine-tune -> 2:4 -> fine-tune, per ranking criterion."""
+    """Filter prune 40% (and 60%) -> fine-tune -> 2:4 -> fine-tune, per ranking criterion."""
+    return {r: _hybrid_at(dense, seed, float(r)) for r in RATIOS}
+
+
+def _hybrid_at(dense, seed, ratio) -> dict:
     xtr, ytr, xte, _ = data()
     crits = {"filter L1": filter_l1, "output L1": "output_l1", "hybrid L1": "hybrid",
              "hybrid output L1": "hybrid_output"}
@@ -104,15 +109,22 @@ def exp_hybrid(dense, seed) -> dict:
             stages.append(acc(m))
 
         res = gp.hybrid_pipeline(dense, xte[:8], data=[xtr[:512]], train_fn=train_fn,
-                                 importance=imp)
+                                 target=gp.Uniform(ratio), importance=imp)
         stages.append(acc(res.sparse))
         out[name] = dict(zip(["pruned", "pruned_ft", "sparse24", "final_ft", "final"], stages))
         out[name]["macs"] = gp.stats(res.sparse, xte[:1])["macs"]
     return out
 
 
+def sgd(model) -> torch.optim.Optimizer:
+    """SMCP's optimizer family (SGD, Nesterov momentum); AdamW made both methods worse here."""
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
+                           weight_decay=5e-5)
+
+
 def exp_smcp(dense, seed, targets=(0.5, 0.3, 0.15)) -> dict:
-    """SMCP soft masks vs one-shot Taylor + fine-tune at the same FLOPs target."""
+    """SMCP soft masks vs one-shot Taylor + fine-tune at the same FLOPs target (same SGD
+    fine-tuning schedule for both)."""
     xtr, ytr, xte, _ = data()
     calib = [(xtr[i:i + 128], ytr[i:i + 128]) for i in range(0, 512, 128)]
     full = gp.stats(dense, xte[:1])["macs"]
@@ -121,12 +133,12 @@ def exp_smcp(dense, seed, targets=(0.5, 0.3, 0.15)) -> dict:
         hard = gp.prune(dense, xte[:8], gp.Flops(f), "taylor", data=calib,
                         loss_fn=F.cross_entropy)
         h0 = acc(hard)
-        fit(hard, CFG["smcp_ft"], 1e-3, seed + 2)
+        fit(hard, CFG["smcp_ft"], 0.05, seed + 2, opt=sgd(hard))
         soft = copy.deepcopy(dense)
         total = CFG["smcp_ft"] * steps_per_epoch()
         pr = gp.SoftMaskPruner(soft, xte[:8], target=gp.Flops(f), total_steps=total,
                                schedule=gp.Ramp(start=0.0, end=0.5, every=8))
-        fit(soft, CFG["smcp_ft"], 1e-3, seed + 2, pruner=pr)
+        fit(soft, CFG["smcp_ft"], 0.05, seed + 2, opt=sgd(soft), pruner=pr)
         slim = pr.export()
         out[str(f)] = {"churn": churn(pr),
             "hard_oneshot": h0, "hard": acc(hard), "soft": acc(slim),
@@ -203,10 +215,10 @@ def exp_asp(dense, seed) -> dict:
     """2:4 masks once (permuted), retrain with the mask fixed."""
     _, _, xte, _ = data()
     m = copy.deepcopy(dense)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-4)
     s24 = gp.Sparse24Trainer(m, opt, xte[:8])
     a0 = acc(m)
-    fit(m, CFG["asp_ft"], 1e-3, seed + 4, opt=opt)
+    fit(m, CFG["asp_ft"], 2e-3, seed + 4, opt=opt)  # ASP: retrain with the dense schedule
     return {"dense": acc(dense), "masked": a0, "retrained": acc(s24.export()),
             "kept_magnitude": s24.kept_magnitude()}
 
@@ -235,11 +247,13 @@ def summary(res) -> str:
     lines += [f"seeds: {res['seeds']}; config: {res['config']}", "",
               f"dense accuracy: AlexNet {ms(_col(res, 'dense', 'alexnet'))}, "
               f"ResNet {ms(_col(res, 'dense', 'resnet'))}", "",
-              "| hybrid (AlexNet, 40% filters + 2:4) | pruned | +ft | +2:4 | +ft (final) |",
+              "| hybrid (AlexNet): filters removed, ranking | pruned | +ft | +2:4 | +ft (final) |",
               "|---|---|---|---|---|"]
-    for c in runs[0]["hybrid"]:
-        lines.append(f"| {c} | " + " | ".join(ms(_col(res, "hybrid", c, k)) for k in
-                                               ("pruned", "pruned_ft", "sparse24", "final")) + " |")
+    for r in runs[0]["hybrid"]:
+        for c in runs[0]["hybrid"][r]:
+            lines.append(f"| {float(r):.0%}, {c} | " + " | ".join(
+                ms(_col(res, "hybrid", r, c, k)) for k in ("pruned", "pruned_ft", "sparse24",
+                                                           "final")) + " |")
     lines += ["", "| SMCP (ResNet) FLOPs target | one-shot (no ft) | one-shot + ft | SMCP soft | "
               "MACs kept hard / soft | latency ms hard / soft (dense) | mask churn |",
               "|---|---|---|---|---|---|---|"]
@@ -291,10 +305,12 @@ def plot_all(res, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = res["runs"]
-    crits = list(runs[0]["hybrid"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    _bar(ax, crits, [_col(res, "hybrid", c, "final") for c in crits],
-         "AlexNet: 40% filters + 2:4, fine-tuned")
+    ratios = list(runs[0]["hybrid"])
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4))
+    for ax, r in zip(np.atleast_1d(axes), ratios):
+        crits = list(runs[0]["hybrid"][r])
+        _bar(ax, crits, [_col(res, "hybrid", r, c, "final") for c in crits],
+             f"AlexNet: {float(r):.0%} filters + 2:4, fine-tuned")
     fig.tight_layout()
     fig.savefig(folder / "training_hybrid.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -314,9 +330,10 @@ def plot_all(res, folder: Path) -> None:
     for key, lab in (("dense", "dense"), ("oneshot", "one-shot 1x16 + ft"),
                      ("subp_l1", "SUBP l1"), ("subp_bpar", "SUBP bpar")):
         y = np.asarray(_col(res, "subp", key), dtype=float)
-        x = np.median([d["b64"] for d in _col(res, "subp", key + "_ms")])
+        x = np.median([d["b1"] for d in _col(res, "subp", key + "_ms")])
         ax.errorbar([x], [y.mean()], yerr=[y.std()], marker="o", capsize=4, label=lab)
-    ax.set_xlabel("latency, batch 64, 1 thread (ms)")
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.1)
+    ax.set_xlabel("latency, batch 1, 1 thread (ms; median over seeds)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNet-18 (w=0.25), 1x16 at 75%: accuracy vs latency")
     ax.legend()

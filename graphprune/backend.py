@@ -43,6 +43,7 @@ import collections
 import contextlib
 import copy
 import io
+import operator
 import re
 import time
 import warnings
@@ -65,6 +66,7 @@ __all__ = [
     "zero_channel_plan",
     "find_sparse_layers",
     "unlift",
+    "modulize",
     "register",
 ]
 
@@ -216,6 +218,24 @@ def _training_op(gm: fx.GraphModule) -> str:
     return ""
 
 
+_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _mutated_param(gm: fx.GraphModule, example_inputs) -> str:
+    """A parameter/buffer the graph writes to in place (a counter, a running statistic), or ''."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {n for n, v in zip(phs, example_inputs) if _is_param(n, v)}
+    for n in gm.graph.nodes:
+        if not n.args or n.args[0] not in params:
+            continue
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        inplace = (isinstance(name, str) and name.endswith("_") and not name.startswith("_")) \
+            or n.target in _INPLACE or "out" in n.kwargs
+        if inplace:
+            return f"{n.name} writes to {n.args[0].name} in place"
+    return ""
+
+
 def _skip_reason(gm: fx.GraphModule, example_inputs, lifted: Lifted) -> str:
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         return "symbolic shapes (dynamic=True or a recompile with another size); compile with " \
@@ -223,6 +243,9 @@ def _skip_reason(gm: fx.GraphModule, example_inputs, lifted: Lifted) -> str:
     why = _training_op(gm)
     if why:
         return f"training-mode graph ({why})"
+    why = _mutated_param(gm, example_inputs)
+    if why:
+        return f"the graph mutates model state ({why})"
     if torch.is_grad_enabled() and any(p.requires_grad for p in lifted.params.values()):
         return "gradients needed for parameters (grad mode is on); run under torch.no_grad() / " \
                "torch.inference_mode() or call model.requires_grad_(False) to slim"
@@ -418,12 +441,24 @@ class SparseLayer:
     kept: float
 
 
-def _dense_layers(gm: fx.GraphModule):
-    """(node, weight, bias, conv args or None) of plain 2-D convs and linears with constant weights."""
+def _conv_targets():
     import torch.nn.functional as F
 
+    return {F.conv2d, torch.ops.aten.conv2d.default}
+
+
+def _linear_targets():
+    import torch.nn.functional as F
+
+    return {F.linear, torch.ops.aten.linear.default}
+
+
+def _const_layers(gm: fx.GraphModule, grouped: bool = False):
+    """(node, weight, bias, groups) of 2-D convs and linears whose weight and bias are constants
+    (`get_attr`); grouped convs only when `grouped`."""
+    convs, linears = _conv_targets(), _linear_targets()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (F.conv2d, F.linear):
+        if node.op != "call_function" or node.target not in convs | linears:
             continue
         wn, bn = _arg(node, 1, "weight"), _arg(node, 2, "bias")
         if not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
@@ -432,12 +467,10 @@ def _dense_layers(gm: fx.GraphModule):
             continue
         w = _fetch(gm, wn.target)
         b = _fetch(gm, bn.target) if bn is not None else None
-        if node.target is F.conv2d:
-            conv = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-                    _arg(node, 5, "dilation", 1), _arg(node, 6, "groups", 1))
-            if conv[3] != 1 or w.ndim != 4:
-                continue
-            yield node, w, b, conv
+        if node.target in convs:
+            groups = _arg(node, 6, "groups", 1)
+            if w.ndim == 4 and isinstance(groups, int) and (groups == 1 or grouped):
+                yield node, w, b, groups
         elif w.ndim == 2:
             yield node, w, b, None
 
@@ -447,7 +480,7 @@ def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLaye
     from .kernels.masks import is_1xn, is_24
 
     out = []
-    for node, w, _b, _conv in _dense_layers(gm):
+    for node, w, _b, _groups in _const_layers(gm):
         layer = node.args[1].target.removesuffix(".weight")
         nz = w.detach() != 0
         if not nz.any() or bool(nz.all()):
@@ -486,22 +519,18 @@ def _sparse_name(gm: fx.GraphModule, node: fx.Node, i: int) -> str:
     return f"gp_sparse_{i}"
 
 
-def _modulize(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
-    """Turn the named functional conv2d/linear nodes into call_module nn.Conv2d / nn.Linear."""
-    import torch.nn.functional as F
-
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for i, name in enumerate(sorted(names)):
-        node = nodes[name]
-        w, b = _fetch(gm, node.args[1].target), None
-        bn = _arg(node, 2, "bias")
-        if bn is not None:
-            b = _fetch(gm, bn.target)
-        if node.target is F.conv2d:
-            stride, padding, dilation, _ = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
-                                            _arg(node, 5, "dilation", 1), 1)
-            mod = nn.Conv2d(w.shape[1], w.shape[0], tuple(w.shape[2:]), stride, padding, dilation,
-                            bias=b is not None, device="meta")
+def modulize(gm: fx.GraphModule, names: set[str] | None = None) -> fx.GraphModule:
+    """Turn functional conv2d / linear calls with constant weights (torch-level or aten, as in
+    Dynamo and torch.export graphs) into `nn.Conv2d` / `nn.Linear` call_module nodes, in place;
+    `names` limits it to those nodes. Module-level passes (`gp.sparsify`) then see the layers."""
+    layers = [(n, w, b, g) for n, w, b, g in _const_layers(gm, grouped=True)
+              if names is None or n.name in names]
+    for i, (node, w, b, groups) in enumerate(layers):
+        if groups is not None:
+            stride, padding, dilation = (_arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0),
+                                         _arg(node, 5, "dilation", 1))
+            mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride, padding,
+                            dilation, groups, bias=b is not None, device="meta")
         else:
             mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
         mod.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
@@ -511,10 +540,9 @@ def _modulize(gm: fx.GraphModule, names: set[str]) -> fx.GraphModule:
         gm.add_submodule(target, mod)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (node.args[0],))
-        new.meta = dict(node.meta)
+        new.meta = {**node.meta, "graphprune_functional_node": node.name}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        new.name = name if name not in {n.name for n in gm.graph.nodes} else new.name
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -540,10 +568,10 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
         todo[s.node] = s
     if not todo:
         return None
-    gm = _modulize(copy.deepcopy(gm), set(todo))
+    gm = modulize(copy.deepcopy(gm), set(todo))
     _shape_inputs(gm, inputs)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    plan = []
+    nodes = {n.meta.get("graphprune_functional_node", n.name): n for n in gm.graph.nodes}
+    plan, renamed = [], {}
     for name, s in todo.items():
         node = nodes[name]
         mod = gm.get_submodule(node.target)
@@ -560,7 +588,8 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
             if not ok:
                 entry["applied"] = f"no: sparse kernel slower here ({sp:.3f} ms vs {de:.3f} ms)"
                 continue
-        plan.append(LayerSparsity(name, s.pattern, s.n, mod.weight.detach() != 0))
+        plan.append(LayerSparsity(node.name, s.pattern, s.n, mod.weight.detach() != 0))
+        renamed[node.name] = name
     if not plan:
         return None
     try:
@@ -568,9 +597,9 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
     except ValueError as e:
         rep["sparse_error"] = str(e)
         return None
-    for e in rep["sparse"]:
-        if e["node"] in how:
-            e["applied"] = how[e["node"]]
+    for new_name, held in how.items():
+        entry = next(e for e in rep["sparse"] if e["node"] == renamed[new_name])
+        entry["applied"] = held
     return new
 
 

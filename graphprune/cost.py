@@ -1173,7 +1173,10 @@ class LatencyTable:
         xs, ys = curve["bytes"], curve["ms"]
         if len(xs) == 1 or nbytes <= xs[-1]:
             return float(np.interp(nbytes, xs, ys))
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        # least-squares slope over the largest measured sizes, never negative: a noisy last
+        # point must not make a bigger op predicted cheaper (or negative)
+        k = min(len(xs), 3)
+        slope = max(float(np.polyfit(xs[-k:], ys[-k:], 1)[0]), 0.0)
         return float(ys[-1] + slope * (nbytes - xs[-1]))
 
     def describe(self, sig: LayerSig) -> dict:
@@ -1322,9 +1325,13 @@ class LoadProbe:
         other = (self._busy_s() - self.busy0) - (self._own_s() - self.own0)
         return min(max(other, 0.0) / (wall * (os.cpu_count() or 1)), 1.0)  # 10 ms ticks
 
-    def wait_quiet(self, limit_s: float, threshold: float, step_s: float = 0.5) -> float:
+    def wait_quiet(
+        self, limit_s: float, threshold: float | None = None, step_s: float = 0.5
+    ) -> float:
         """Sleep until other processes use less than ``threshold`` over ``step_s`` (at most
-        ``limit_s``); returns the last share seen."""
+        ``limit_s``); returns the last share seen. ``threshold`` defaults to the share that does
+        not disturb this process's ``torch.get_num_threads()`` threads."""
+        threshold = _allowed_share() if threshold is None else threshold
         deadline = time.perf_counter() + limit_s
         while True:
             self.start()
@@ -1345,6 +1352,13 @@ def _warn_loaded(tables: Iterable[_SigTable]) -> None:
         )
 
 
+def _allowed_share() -> float:
+    """Other processes' CPU share that does not disturb a timing: the cores this process leaves
+    idle (``torch.get_num_threads()`` of them busy) plus :data:`LOAD_THRESHOLD`."""
+    cpus = os.cpu_count() or 1
+    return LOAD_THRESHOLD + max(cpus - torch.get_num_threads(), 0) / cpus
+
+
 def measure_watched(
     points: Sequence[Any],
     measure: Callable[[Any], float],
@@ -1355,14 +1369,15 @@ def measure_watched(
     wait_s: float = 10.0,
 ) -> tuple[dict[Any, float], int]:
     """Measure ``points`` in chunks of about ``chunk_s`` seconds; a chunk during which other
-    processes used more than :data:`LOAD_THRESHOLD` of the CPUs is measured again (after waiting
+    processes used more of the CPUs than this process left idle (+ :data:`LOAD_THRESHOLD`) is
+    measured again (after waiting
     up to ``wait_s`` for quiet), at most ``rounds`` more times, keeping each point's smallest
     value. Returns the values and how many points were still timed under load."""
     values: dict[Any, float] = {}
     todo = list(points)
     for r in range(rounds + 1):
         if r and probe is not None:
-            probe.wait_quiet(wait_s, LOAD_THRESHOLD)
+            probe.wait_quiet(wait_s)
         loaded, i = [], 0
         while i < len(todo):
             chunk, t0 = [], time.perf_counter()
@@ -1375,7 +1390,7 @@ def measure_watched(
                 i += 1
                 if bar is not None and r == 0:
                     bar.update(1)
-            if probe is not None and probe.share() > LOAD_THRESHOLD:
+            if probe is not None and probe.share() > _allowed_share():
                 loaded += chunk
         todo = loaded
         if not todo:

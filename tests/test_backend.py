@@ -196,3 +196,26 @@ def test_lossy_mode_prunes_to_a_target():
 def test_lossy_backend_needs_a_target_for_options():
     with pytest.raises(ValueError, match="target"):
         gp.backend(round_to=8)
+
+
+class _Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros(()))
+        with torch.no_grad():
+            self.out.weight[:, 2:4] = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.out(torch.relu(self.lin(x)))
+
+
+def test_stateful_and_training_graphs_pass_through():
+    m = _Counter().eval()
+    _, rep = compiled(m, torch.randn(2, 4))
+    assert rep["action"] == "passed through" and "mutates model state" in rep["reason"]
+    assert m.calls.item() == 1  # the model's own buffer was updated
+    drop = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    _, rep = compiled(drop, torch.randn(2, 4))
+    assert rep["action"] == "passed through" and "training-mode" in rep["reason"]

@@ -65,7 +65,8 @@ def test_reload_in_a_fresh_process_without_the_model_class(tmp_path):
                          timeout=180, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), fast(xin))
+        # same numbers up to float reduction order (the parent may run other thread settings)
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), fast(xin), rtol=1e-5, atol=1e-6)
 
 
 class _Baked(nn.Module):

@@ -111,6 +111,29 @@ def test_soft_mask_budget_export_and_straight_through():
     assert kept <= 0.5 * full * 1.01
 
 
+class _ToyTable:
+    """A latency table stand-in: cost c_in * c_out * kernel taps (no measuring in tests)."""
+
+    def lookup(self, sig, ci, co):
+        return float(ci * co * int(np.prod(sig.kernel or (1,))))
+
+    def lookup_grid(self, sig, ci, co):
+        return np.outer(ci, co).astype(float) * int(np.prod(sig.kernel or (1,)))
+
+
+def test_soft_mask_latency_target_ramps_with_its_table():
+    """A Latency target keeps its table through the ramp; the final solve meets the budget."""
+    torch.manual_seed(0)
+    model, (x, y) = Net(), _data(32)
+    pr = gp.SoftMaskPruner(model, x[:4], target=gp.Latency(0.6, table=_ToyTable()),
+                           schedule=gp.Ramp(start=1, end=3, every=1), total_steps=4)
+    _train(model, pr, x, y, 4)
+    assert [h["step"] for h in pr.history] == [1, 2, 3]
+    fr = [float(h["target"].split("=")[1].rstrip(")")) for h in pr.history]
+    assert fr[0] == 1.0 and fr[1] > 0.6 and fr[2] == pytest.approx(0.6)
+    assert pr.history[-1]["predicted_fraction"] <= 0.6 + 1e-9
+
+
 def test_soft_mask_channels_return():
     """A re-solve starts from all channels: channels masked earlier come back when they score."""
     torch.manual_seed(0)
@@ -145,6 +168,25 @@ def test_soft_mask_skips_channel_mixing_groups():
     assert pr.export().graphprune_report["vs_soft_masked_model"] < 1e-4
 
 
+def test_soft_mask_bn_rescale():
+    """With bn_rescale, the norm feeding a shrunk group scales its kept channels by old/new."""
+    torch.manual_seed(0)
+    model, (x, _) = Net(bn=True), _data(8)
+    pr = gp.SoftMaskPruner(model, x[:4], target=gp.Flops(0.5), schedule=gp.Ramp(0, 1, 1),
+                           total_steps=10, bn_rescale=True)
+    g = next(g for g in pr.a.prunable_groups if any(m.startswith("b2.") for m in g.members))
+    before = model.b2.weight.detach().clone()
+    pr.t = 5
+    pr.scores[:] = 1.0
+    pr.scores[g.classes] = np.linspace(0.01, 0.1, g.size)
+    pr.resolve()
+    kept = pr.masks[g.id]
+    assert not kept.all()
+    ratio = g.size / kept.sum()
+    assert torch.allclose(model.b2.weight[torch.as_tensor(kept)], before[kept] * ratio)
+    assert torch.equal(model.b2.weight[torch.as_tensor(~kept)], before[~kept])
+
+
 # ---- SUBP ----------------------------------------------------------------------------------------
 
 
@@ -168,6 +210,9 @@ def test_block_pruner_ramp_masks_and_export():
     out = bp.export()
     assert isinstance(out.get_submodule("c2"), Conv2d1xN)
     assert out.graphprune_report["vs_soft_masked_model"] < 1e-4
+    bp.remove()  # baked: the user's plain model now holds the 1xN zeros
+    assert isinstance(model.c2.weight, nn.Parameter) and is_1xn(model.c2.weight != 0, 4)
+    assert torch.allclose(model.eval()(x[:4]), out(x[:4]), atol=1e-5)
 
 
 def test_block_regrowth_and_decay():

@@ -170,6 +170,13 @@ class BlockPruner:
             st.mask.copy_(broadcast_(m.to(st.mask.device, st.mask.dtype)))
             st.refresh()
 
+    def remove(self, bake: bool = True) -> None:
+        """Take the masks off the user's model (`bake`: zero the masked weights first)."""
+        self._hook.remove()
+        for st in self.masks.values():
+            st.remove(bake)
+        self.masks = {}
+
     # ---- results --------------------------------------------------------------------------
     def mask_of(self, name: str) -> torch.Tensor:
         """The current bool mask of a layer (by module name)."""

@@ -95,7 +95,7 @@ _register("hybrid_output", hybrid_output_scores)
 
 @dataclass
 class HybridResult:
-    """The pipeline's models: filter-pruned (fine-tuned) and the final 2:4 export; per-stage notes."""
+    """The pipeline's models: filter-pruned (fine-tuned) and the final 2:4 export; notes."""
 
     pruned: nn.Module
     sparse: nn.Module

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..allocate import _table_for, allocate, cost_layers
 from ..analysis import Analysis, iter_maps
@@ -109,8 +110,12 @@ class STMask:
     def _after(self, module, args, out) -> None:
         setattr(module, self.attr, getattr(module, self.attr).detach())  # deepcopy-able again
 
-    def remove(self) -> None:
-        """Put the original Parameter back under its name (unmasked) and drop the mask."""
+    def remove(self, bake: bool = False) -> None:
+        """Put the original Parameter back under its name and drop the mask; with `bake` the
+        masked entries are zeroed first (the module keeps computing the masked function)."""
+        if bake:
+            with torch.no_grad():
+                self.original.mul_(self.mask)
         for h in self.handles:
             h.remove()
         m = self.module
@@ -226,7 +231,7 @@ class Ramp:
 
 # ---- which groups the input-channel view can mask exactly --------------------------------------
 
-_MIXERS = {torch.matmul, torch.bmm, operator.matmul, torch.nn.functional.scaled_dot_product_attention,
+_MIXERS = {torch.matmul, torch.bmm, operator.matmul, F.scaled_dot_product_attention,
            torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 _REDUCTIONS = ("mean", "var", "std", "amax", "amin", "logsumexp", "sum", "maxmin")
 
@@ -492,6 +497,12 @@ class SoftMaskPruner:
     def sync(self) -> None:
         """Copy the user's current (unmasked) weights and buffers into the analysed copy."""
         self._clean.load_state_dict(original_state(self.model))
+
+    def remove(self, bake: bool = True) -> None:
+        """Take the soft masks off the user's model (`bake`: zero the masked weights first)."""
+        for c in self.consumers:
+            c.mask.remove(bake)
+        self.consumers = []
 
     def export(self, verify: bool = True):
         """The slimmed GraphModule of the current masks: verified against the oracle (gp.apply)

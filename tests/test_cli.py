@@ -1,0 +1,132 @@
+"""The CLI end to end on a small model in a temp dir: prune / sparsify / bench / table / analyze,
+saved programs as MODEL, JSON output, and bad input (exit code != 0, one line on stderr)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import graphprune as gp
+from graphprune.cli import CONFIG_FLAGS, main
+
+torch.set_num_threads(1)
+
+TINY = textwrap.dedent("""
+    import torch.nn as nn
+
+    def small():
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 16))
+""")
+SHAPE = "2,3,16,16"
+
+
+@pytest.fixture()
+def work(tmp_path, monkeypatch):
+    (tmp_path / "tiny.py").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_json_out_plot_and_print_after(work, capsys):
+    code, out, err = run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--flops", "0.5",
+                         "--round-to", "2", "--out", "slim.pt2", "--plot", "p.png",
+                         "--print-after", "trace", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["after"]["macs"] <= 0.5 * info["before"]["macs"] + 1
+    assert info["after"]["params"] < info["before"]["params"]
+    assert "fp64" in info["verify"]
+    assert (work / "slim.pt2").exists() and (work / "p.png").stat().st_size > 1000
+    assert gp.Plan.from_json((work / "slim.pt2.plan.json").read_text()).keep
+    assert "graph after trace" in err  # side output goes to stderr under --json
+    assert info["layers"][0]["c_out"] == 16
+
+
+def test_saved_program_as_model_sparsify_bench_analyze(work, capsys):
+    assert run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--uniform", "0.5",
+               "--out", "slim.pt2")[0] == 0
+    code, out, err = run(capsys, "sparsify", "slim.pt2", "--pattern", "1x8", "--sparsity", "0.5",
+                         "--no-check-speed", "--out", "fast.pt2", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["sparsified"] >= 1 and "verify" in rep
+    fast = gp.load(work / "fast.pt2")
+    assert fast(torch.randn(5, 3, 16, 16)).shape == (5, 16)  # dynamic batch survives
+    code, out, err = run(capsys, "bench", "tiny.py:small", "fast.pt2", "--input", "4,3,16,16",
+                         "--repeats", "3", "--warmup", "1", "--threads", "1", "--json")
+    assert code == 0, err
+    b = json.loads(out)
+    assert b["threads"] == 1 and b["repeats"] == 3 and len(b["models"]) == 2
+    assert all(m["median_ms"] > 0 for m in b["models"]) and b["speedup"] > 0
+    code, out, err = run(capsys, "analyze", "slim.pt2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["groups"]
+
+
+def test_table_measure_then_latency_target(work, capsys):
+    code, out, err = run(capsys, "table", "measure", "tiny.py:small", "--input", SHAPE,
+                         "--out", "cpu.json", "--threads", "1", "--repeats", "2",
+                         "--no-overheads", "--no-watch-load", "--json")
+    assert code == 0, err
+    assert json.loads(out)["signatures"] >= 2 and (work / "cpu.json").exists()
+    code, out, err = run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--latency", "0.95",
+                         "--table", "cpu.json", "--threads", "1", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert all("ms_after" in r for r in info["layers"])
+    # a table measured under another thread count is refused with a reason
+    code, _, err = run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--latency", "0.9",
+                       "--table", "cpu.json", "--threads", "2")
+    assert code == 3 and "threads" in err
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["prune", "tiny.py:nope", "--input", SHAPE], 3, "no factory 'nope'"),
+    (["prune", "missing.py:small", "--input", SHAPE], 3, "no such file"),
+    (["prune", "tiny.py:small", "--input", "2,5,16,16"], 3, "fails on inputs of shape"),
+    (["prune", "tiny.py:small", "--input", SHAPE, "--flops", "0.001"], 4, "cannot be met"),
+    (["prune", "tiny.py:small", "--input", "2,x"], 2, "comma-separated"),
+    (["prune", "tiny.py:small"], 2, "--input is required"),
+    (["prune", "tiny.py:small", "--input", SHAPE, "--table", "t.json"], 2, "--latency"),
+    (["sparsify", "tiny.py:small", "--input", SHAPE, "--pattern", "3:7"], 3, "unknown sparsity"),
+    (["bench", "tiny.py:small", "nothere.pt2", "--input", SHAPE], 3, "no such file"),
+])
+def test_bad_input_exit_codes_and_one_line(work, capsys, argv, code, needle):
+    got, out, err = run(capsys, *argv)
+    assert got == code
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("graphprune: error: ")
+
+
+def test_console_script_exit_code(work):
+    exe = os.path.join(os.path.dirname(sys.executable), "graphprune")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "graphprune.cli"]
+    r = subprocess.run(cmd + ["prune", "tiny.py:small", "--input", "2,5,16,16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3
+    assert len(r.stderr.strip().splitlines()) == 1 and "fails on inputs" in r.stderr
+    r = subprocess.run(cmd + ["prune"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+
+
+def test_flags_map_onto_prune_config():
+    fields = {f.name for f in dataclasses.fields(gp.PruneConfig)}
+    not_cli = {"data", "loss_fn", "extra"}  # Python objects: the API only
+    assert set(CONFIG_FLAGS) | {"target", "verify"} == fields - not_cli
+    flags = [flag for flag, _, _ in CONFIG_FLAGS.values()]
+    assert len(flags) == len(set(flags))
