@@ -431,11 +431,9 @@ def _cmd_sparsify(args) -> int:
     rep = dict(fast.graphprune_report)
     if args.out:
         rep["out"] = str(gp.save(fast, args.out, x))
-    lines = [f"{r['layer']:<32} {r['pattern']:<6} kept {r['kept']:.2f}  {r['why']}"
-             for r in rep["layers"]]
-    human = "\n".join(lines) + f"\n{rep['sparsified']} of {len(rep['layers'])} layers " \
-        f"sparsified ({rep['pattern']}), kept magnitude {rep['kept_magnitude']:.2f}\n" \
-        f"check: {rep.get('verify', 'nothing to verify')}"
+    human = fast.graphprune_report.summary().rstrip()
+    if not rep.get("verify"):
+        human += "\ncheck: nothing to verify"
     if args.out:
         human += f"\nwrote {rep['out']}"
     _out(args, human, rep)

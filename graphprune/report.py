@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["analysis_table", "plan_table", "count_params", "count_macs", "render"]
+__all__ = ["analysis_table", "plan_table", "sparsity_table", "SparsityReport", "count_params",
+           "count_macs", "render"]
 
 
 def render(table) -> str:
@@ -48,6 +49,28 @@ def plan_table(plan, a=None) -> str:
         t.add_row(str(gid), str(k), str(n), f"{100 * (n - k) / n:.0f}")
     meta = ", ".join(f"{k}={v}" for k, v in plan.meta.items() if not isinstance(v, (dict, list)))
     return render(t) + (meta + "\n" if meta else "")
+
+
+def sparsity_table(rep) -> str:
+    """Per layer: pattern applied (and how it is held) or why the layer stayed dense."""
+    t = Table(title=f"sparsity ({rep['pattern']}, {rep['sparsity']:.0%} of the weights removed)")
+    for c in ("layer", "weight", "pattern", "kept", "held as / why dense"):
+        t.add_column(c, overflow="fold")
+    for r in rep["layers"]:
+        t.add_row(r["layer"], "x".join(map(str, r["shape"])), r["pattern"], f"{r['kept']:.2f}",
+                  r.get("held_as") or r["why"])
+    tail = (f"{rep['sparsified']} of {len(rep['layers'])} layers sparsified, kept magnitude "
+            f"{rep['kept_magnitude']:.2f}")
+    if rep.get("permutation"):
+        tail += f"; {rep['permutation']}"
+    return render(t) + tail + "\n" + (f"check: {rep['verify']}\n" if rep.get("verify") else "")
+
+
+class SparsityReport(dict):
+    """`gp.sparsify`'s report: a plain dict (JSON-ready) with a readable `summary()`."""
+
+    def summary(self) -> str:
+        return sparsity_table(self)
 
 
 def count_params(m: nn.Module) -> int:

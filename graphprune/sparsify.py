@@ -115,7 +115,9 @@ def sparsify(
         v = verify_against(out, ref, tr.args, tr.kwargs, rtol32=1e-4, rtol64=1e-9,
                            what="sparsified model")
         rep["verify"] = str(v)
-    out.graphprune_report = rep
+    from .report import SparsityReport
+
+    out.graphprune_report = SparsityReport(rep)
     return out
 
 
