@@ -296,8 +296,10 @@ def _target(args, a):
     if args.params is not None:
         return gp.Params(args.params), None
     if args.latency is not None:
+        # measured now on a grid of step >= 8 (as gp.Latency without a table does): finer
+        # counts are interpolated; `graphprune table measure --round-to` chooses the step
         table = _load_table(args.table) if args.table else _measure_table(
-            a, args.round_to, progress=not args.json)
+            a, max(args.round_to, 8), progress=not args.json)
         return gp.Latency(args.latency, table=table), table
     return gp.Uniform(0.3 if args.uniform is None else args.uniform), None
 
