@@ -481,18 +481,24 @@ def _cmd_bench(args) -> int:
 
     threads = args.threads or torch.get_num_threads()
     model_a, x = _load(args.model_a, args.input)
-    model_b, _ = load_spec(args.model_b)
-    _run_once(model_b, x)
-    with torch.no_grad():
-        diff = max_rel_error(model_b(*x), model_a(*x)) if args.check else None
-    res = bench([model_a, model_b], x, args.warmup, args.repeats, threads)
-    names = [args.model_a, args.model_b]
-    for r, n, m in zip(res, names, (model_a, model_b)):
+    others = [load_spec(spec)[0] for spec in args.others]
+    diffs = []
+    for m in others:
+        _run_once(m, x)
+        if args.check:
+            with torch.no_grad():
+                diffs.append(max_rel_error(m(*x), model_a(*x)))
+    models = [model_a, *others]
+    res = bench(models, x, args.warmup, args.repeats, threads)
+    names = [args.model_a, *args.others]
+    for r, n, m in zip(res, names, models):
         r["model"], r["params"] = n, count_params(m)
-    speedup = res[0]["median_ms"] / res[1]["median_ms"] if res[1]["median_ms"] else None
-    info = {"models": res, "speedup": speedup, "threads": threads, "warmup": args.warmup,
-            "repeats": args.repeats, "inputs": [list(t.shape) for t in x],
-            "output_rel_diff": diff}
+    speedups = [res[0]["median_ms"] / r["median_ms"] if r["median_ms"] else None for r in res[1:]]
+    diff = max(diffs) if diffs else None
+    info = {"models": res, "speedup": speedups[0], "speedups": speedups, "threads": threads,
+            "warmup": args.warmup, "repeats": args.repeats,
+            "inputs": [list(t.shape) for t in x], "output_rel_diff": diff,
+            "output_rel_diffs": diffs}
     t = Table(title=f"bench: {threads} thread(s), {args.warmup} warm-up calls, median of "
               f"{args.repeats} interleaved calls, inputs {info['inputs']}")
     for c in ("model", "params", "median ms", "IQR ms", "speedup"):
@@ -500,7 +506,7 @@ def _cmd_bench(args) -> int:
     for r in res:
         t.add_row(r["model"], f"{r['params']:,}", f"{r['median_ms']:.3f}", f"{r['iqr_ms']:.3f}",
                   f"{res[0]['median_ms'] / r['median_ms']:.2f}x")
-    human = render(t) + (f"outputs: max relative difference {diff:.2e} (B vs A)"
+    human = render(t) + (f"outputs: max relative difference {diff:.2e} (vs the first model)"
                          if diff is not None else "")
     _out(args, human, info)
     return EXIT_OK
@@ -571,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--out", help="write the result (torch.export .pt2)")
 
-    s = sub.add_parser("bench", help="time two models side by side")
+    s = sub.add_parser("bench", help="time models side by side (the first is the baseline)")
     s.add_argument("model_a", help="file.py:factory, module:factory or saved.pt2")
-    s.add_argument("model_b", help="the model to compare (e.g. slim.pt2)")
+    s.add_argument("others", nargs="+", metavar="model_b",
+                   help="models to compare with it (e.g. slim.pt2 fast.pt2)")
     s.add_argument("--input", action="append", default=[], help="input shape (as above)")
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--warmup", type=int, default=5)

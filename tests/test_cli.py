@@ -67,12 +67,14 @@ def test_saved_program_as_model_sparsify_bench_analyze(work, capsys):
     assert rep["sparsified"] >= 1 and "verify" in rep
     fast = gp.load(work / "fast.pt2")
     assert fast(torch.randn(5, 3, 16, 16)).shape == (5, 16)  # dynamic batch survives
-    code, out, err = run(capsys, "bench", "tiny.py:small", "fast.pt2", "--input", "4,3,16,16",
-                         "--repeats", "3", "--warmup", "1", "--threads", "1", "--json")
+    code, out, err = run(capsys, "bench", "tiny.py:small", "slim.pt2", "fast.pt2", "--input",
+                         "4,3,16,16", "--repeats", "3", "--warmup", "1", "--threads", "1", "--json")
     assert code == 0, err
     b = json.loads(out)
-    assert b["threads"] == 1 and b["repeats"] == 3 and len(b["models"]) == 2
-    assert all(m["median_ms"] > 0 for m in b["models"]) and b["speedup"] > 0
+    assert b["threads"] == 1 and b["repeats"] == 3 and len(b["models"]) == 3
+    assert [m["model"] for m in b["models"]] == ["tiny.py:small", "slim.pt2", "fast.pt2"]
+    assert all(m["median_ms"] > 0 for m in b["models"]) and len(b["speedups"]) == 2
+    assert len(b["output_rel_diffs"]) == 2 and all(d > 0 for d in b["output_rel_diffs"])
     code, out, err = run(capsys, "analyze", "slim.pt2", "--json")
     assert code == 0, err
     assert json.loads(out)["groups"]
