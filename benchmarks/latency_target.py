@@ -82,6 +82,8 @@ def run_batch(batch: int, args) -> None:
     t0 = time.perf_counter()
     table.calibrate_context(model, (x,), repeats=args.repeats)
     t_ctx = time.perf_counter() - t0
+    if args.table:
+        table.save(f"{args.table}-b{batch}-t{args.threads}-context.json")
     print(f"\n### batch {batch}, {args.threads} threads\n\ntable: {how}; in-model context fit "
           f"on the dense model in {t_ctx:.0f} s (load before: `{os.getloadavg()[0]:.2f}`)\n")
     dense_macs = count_macs(model, (x,))

@@ -16,7 +16,8 @@ from .errors import PlanError
 from .plan import Flops, Latency, Params, repair_empty, select_top
 from .tmap import TMap
 
-__all__ = ["CostLayer", "cost_layers", "allocate", "group_choices", "layer_cost_fn"]
+__all__ = ["CostLayer", "OverheadTerm", "cost_layers", "overhead_terms", "allocate",
+           "group_choices", "layer_cost_fn"]
 
 aten = torch.ops.aten
 _CONV_FN = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3,
@@ -190,13 +191,18 @@ def layer_cost_fn(target, table=None):
         return analytic
     if isinstance(target, Latency):
 
+        # in-model context (LatencyTable.calibrate_context); duck-typed tables may lack it
+        layer_scale = getattr(table, "layer_scale", lambda sig: 1.0)
+
         def latency(sig, ci, co):
+            scale = layer_scale(sig)
             if np.ndim(ci) == 0 and np.ndim(co) == 0:
-                return float(table.lookup(sig, int(ci), int(co)))
+                return float(table.lookup(sig, int(ci), int(co))) * scale
             ci, co = np.broadcast_arrays(np.asarray(ci), np.asarray(co))
             ui, ii = np.unique(ci, return_inverse=True)
             uo, io = np.unique(co, return_inverse=True)
-            return table.lookup_grid(sig, ui, uo)[ii.reshape(ci.shape), io.reshape(co.shape)]
+            grid = table.lookup_grid(sig, ui, uo)
+            return grid[ii.reshape(ci.shape), io.reshape(co.shape)] * scale
 
         return latency
     raise PlanError(f"unsupported target {target!r}")
@@ -248,6 +254,77 @@ def matmul_terms(a: Analysis, free: set[int]) -> list[tuple[int | None, float]]:
     return out
 
 
+@dataclass(frozen=True)
+class OverheadTerm:
+    """A non-layer op (norm, activation, add, pooling, ...) in a latency allocation: its
+    measured cost (:meth:`~graphprune.cost.LatencyTable.op_ms`) at ``bytes_per_channel *
+    channels``, channels = in_const + sum(mult * kept[group] for group, mult in in_terms)."""
+
+    node: str
+    kind: str
+    bytes_per_channel: float
+    channels: int
+    in_terms: tuple[tuple[int, int], ...]
+    in_const: int
+
+
+def _nbytes(t) -> int:
+    return int(t.numel()) * t.element_size()
+
+
+def overhead_terms(a: Analysis, table: C.LatencyTable,
+                   frozen: set[int] = frozenset()) -> list[OverheadTerm]:
+    """Every op of the graph with an overhead curve in ``table``, with how the bytes it reads
+    follow the prunable groups (the same kinds and bytes as
+    :func:`graphprune.cost.model_cost_items`, so that the allocation's predicted latency is the
+    slimmed model's :func:`~graphprune.cost.estimate_model_latency`). The channel axis is the
+    first axis of the op's (largest) input that maps to free groups; an op on no free group
+    costs its full size."""
+    free = {g.id for g in a.groups if g.prunable and g.id not in frozen}
+    gm, out = a.graph, []
+    for node in gm.graph.nodes:
+        kind = C.node_kind(gm, node)
+        if kind in (None, "layer", "free", "unknown"):
+            continue
+        args = node.args[0] if node.target is torch.cat else node.args
+        args = args if isinstance(args, (list, tuple)) else [args]
+        ins = [x for x in args if isinstance(x, fx.Node)
+               and isinstance(x.meta.get("val"), torch.Tensor)]
+        if not ins:
+            continue
+        sizes = [_nbytes(x.meta["val"]) for x in ins]
+        if kind in ("add", "add_", "mul") and len(sizes) >= 2 and min(sizes) < max(sizes):
+            kind = "mul_bcast"
+        if kind not in table.overheads:
+            continue
+        if node.target is torch.cat:
+            ref, nbytes = node, sum(sizes)
+        else:
+            ref = ins[int(np.argmax(sizes))]
+            nbytes = max(sizes)
+        val = ref.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        tm = a.tmaps.get(ref.name)
+        terms, const, n = [], 1, 1
+        for ax in range(val.dim()):
+            t, c = _terms(a, tm, ax, int(val.shape[ax]), free)
+            if t:
+                terms, const, n = t, c, int(val.shape[ax])
+                break
+        out.append(OverheadTerm(node.name, kind, nbytes / n, n, tuple(terms),
+                                const if terms else n))
+    return out
+
+
+def _overhead_cost(table: C.LatencyTable, term: OverheadTerm):
+    def cost(ci, co):
+        ms = table.op_ms(term.kind, np.asarray(ci, dtype=float) * term.bytes_per_channel)
+        return float(ms) if np.ndim(ms) == 0 else ms + 0.0 * np.asarray(co)
+
+    return cost
+
+
 def _table_for(a: Analysis, target: Latency, layers, round_to: int):
     if target.table is not None:
         return target.table
@@ -288,6 +365,27 @@ def allocate(a: Analysis, target, scores: dict, cfg, skip: set[int]):
             L.node, tuple((index[g], m) for g, m in L.in_terms), L.in_const,
             None if L.out_group is None else index[L.out_group],
             L.c_out if L.out_group is None else 0, cost))
+    if isinstance(target, Latency) and getattr(table, "overheads", None):
+        # the ops between the layers (norms, activations, adds, pooling) scale with the kept
+        # channels too: the budget is a fraction of the whole model's predicted latency
+        for term in overhead_terms(a, table, frozen=skip):
+            fn_o = _overhead_cost(table, term)
+            full = fn_o(term.channels, 1)
+            full_cost += full
+            groups_in = [(index[g], m) for g, m in term.in_terms if g in index]
+            if not groups_in:
+                const_cost += full
+                continue
+            const_in = term.in_const + sum(a.groups[g].size * m for g, m in term.in_terms
+                                           if g not in index)
+            alloc_layers.append(S.AllocLayer(f"op:{term.node}", tuple(groups_in), const_in,
+                                             None, 1, fn_o))
+        # the slimmed GraphModule's own call plus one per module node (cost.py counts the same)
+        calls = 1 + sum(1 for n in a.graph.graph.nodes if n.op == "call_module")
+        per_call = calls * table.overhead("module_call", 0) if "module_call" in table.overheads \
+            else 0.0
+        full_cost += per_call
+        const_cost += per_call
     if isinstance(target, Flops):  # attention matmuls: linear in the head-dim group's count
         for gid, flops in matmul_terms(a, set(free)):
             full_cost += flops

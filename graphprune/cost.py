@@ -70,6 +70,9 @@ __all__ = [
     "CostItem",
     "model_cost_items",
     "estimate_model_latency",
+    "node_kind",
+    "node_times",
+    "pin_malloc",
 ]
 
 _CONV_OPS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
@@ -910,6 +913,9 @@ class LatencyTable:
         self.overheads: dict[str, dict[str, list[float]]] = {}
         self._memo: dict[tuple, float] = {}
         self.calibration: dict[str, Any] = {}
+        #: In-model context correction (:meth:`calibrate_context`): ``{"layers": {sig: scale},
+        #: "ops": {kind: (scale, per_op_ms)}, "fitted_on": {...}}``; empty: none.
+        self.context: dict[str, Any] = {}
 
     # -- building ------------------------------------------------------------------------------
 
@@ -1179,6 +1185,106 @@ class LatencyTable:
         slope = max(float(np.polyfit(xs[-k:], ys[-k:], 1)[0]), 0.0)
         return float(ys[-1] + slope * (nbytes - xs[-1]))
 
+    def overhead_many(self, kind: str, nbytes: Any) -> np.ndarray:
+        """:meth:`overhead` at an array of byte counts (vectorised)."""
+        curve = self.overheads.get(kind)
+        if curve is None:
+            raise KeyError(f"no op overhead {kind!r}; measured: {sorted(self.overheads)}")
+        nb = np.asarray(nbytes, dtype=float)
+        xs, ys = curve["bytes"], curve["ms"]
+        out = np.interp(nb, xs, ys)
+        if len(xs) > 1 and (nb > xs[-1]).any():
+            k = min(len(xs), 3)
+            slope = max(float(np.polyfit(xs[-k:], ys[-k:], 1)[0]), 0.0)
+            out = np.where(nb > xs[-1], ys[-1] + slope * (nb - xs[-1]), out)
+        return out
+
+    def layer_scale(self, sig: LayerSig) -> float:
+        """In-model context factor of a layer signature (1 without :meth:`calibrate_context`)."""
+        layers = self.context.get("layers") if self.context else None
+        if not layers:
+            return 1.0
+        return float(layers.get(sig, self.context.get("layer_default", 1.0)))
+
+    def layer_ms(self, sig: LayerSig, c_in: int, c_out: int) -> float:
+        """Predicted in-model latency (ms) of a layer: :meth:`lookup` × :meth:`layer_scale`."""
+        return self.lookup(sig, c_in, c_out) * self.layer_scale(sig)
+
+    def op_ms(self, kind: str, nbytes: Any) -> Any:
+        """Predicted in-model latency (ms) of an overhead op of ``kind`` reading ``nbytes``
+        (scalar or array): the isolated curve (:meth:`overhead`), then the context fit
+        ``scale * curve + per_op_ms`` of that kind when :meth:`calibrate_context` fitted one."""
+        if np.ndim(nbytes) == 0:
+            iso = self.overhead(kind, float(nbytes))
+        else:
+            iso = self.overhead_many(kind, nbytes)
+        fit = (self.context.get("ops") or {}).get(kind) if self.context else None
+        if fit is None:
+            return iso
+        return fit[0] * iso + fit[1]
+
+    def calibrate_context(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        repeats: int = 10,
+        warmup: int = 3,
+        rounds: int = 3,
+    ) -> dict[str, Any]:
+        """Fit what isolated timings miss *inside* a model, node by node, from one model
+        (typically the dense model being pruned) on this table's device and thread count.
+
+        Every fx node of ``model`` is timed in place (:func:`node_times`: a timing
+        ``torch.fx.Interpreter``, its own per-node cost subtracted; the median of ``rounds``
+        runs of ``repeats`` forwards, as timings drift) and compared with the
+        isolated prediction of the same node. Layers get one factor per signature
+        (``sum in-model / sum isolated`` over that signature's nodes: cache and bandwidth
+        context, the table being timed on a hot input), overhead ops one affine fit per kind
+        (``in-model = scale * isolated + per_op_ms``: a fresh output buffer, data just written
+        by another op, thread wake-up; least squares over that kind's nodes, ``scale`` alone
+        when they all have one size). The fit is stored in :attr:`context` and used by
+        :meth:`layer_ms`, :meth:`op_ms`, :func:`estimate_model_latency` and the latency
+        allocation. Returns the fit with per-kind totals."""
+        self.context = {}
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        with num_threads(self.key["threads"]):
+            items = model_cost_items(model, inputs)
+            runs = [node_times(model, inputs, repeats=repeats, warmup=warmup)
+                    for _ in range(max(rounds, 1))]
+        times = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+        interp = statistics.median(r[1] for r in runs)
+        per_call = self.overhead("module_call", 0) if "module_call" in self.overheads else 0.0
+        layers: dict[LayerSig, list[float]] = {}
+        ops: dict[str, list[tuple[float, float]]] = {}
+        for it in items:
+            t = times.get(it.name)
+            if t is None:
+                continue
+            if it.kind == "layer":
+                acc = layers.setdefault(it.sig, [0.0, 0.0])
+                acc[0] += self.lookup(it.sig, it.c_in, it.c_out)
+                acc[1] += max(t - per_call, 0.0)
+            elif it.kind not in ("free", "unknown") and it.kind in self.overheads:
+                ops.setdefault(it.kind, []).append((self.overhead(it.kind, it.nbytes), t))
+        scales = {sig: min(max(m / p, 0.5), 2.0) for sig, (p, m) in layers.items() if p > 0}
+        tot_p = sum(p for p, _ in layers.values())
+        default = sum(m for _, m in layers.values()) / tot_p if tot_p > 0 else 1.0
+        fits = {kind: _affine_fit(pairs) for kind, pairs in ops.items()}
+        self.context = {
+            "layers": scales,
+            "layer_default": min(max(default, 0.5), 2.0),
+            "ops": fits,
+            "fitted_on": {
+                "model": type(model).__name__,
+                "interpreter_ms_per_node": interp,
+                "layers_ms": [tot_p, sum(m for _, m in layers.values())],
+                "ops_ms": {k: [sum(p for p, _ in v), sum(m for _, m in v), len(v)]
+                           for k, v in ops.items()},
+            },
+        }
+        self._memo.clear()
+        return self.context
+
     def describe(self, sig: LayerSig) -> dict:
         """Mode, axis lengths, measured point count and seconds of one signature's table."""
         t = self.tables[sig]
@@ -1204,6 +1310,7 @@ class LatencyTable:
             "tables": [t.to_dict() for t in self.tables.values()],
             "overheads": self.overheads,
             "calibration": self.calibration,
+            "context": _context_to_json(self.context),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -1238,6 +1345,7 @@ class LatencyTable:
             for k, v in data.get("overheads", {}).items()
         }
         table.calibration = dict(data.get("calibration", {}))
+        table.context = _context_from_json(data.get("context") or {})
         table.check_key(expect, on_mismatch, source=str(path))
         return table
 
@@ -1626,6 +1734,25 @@ def _overhead_item(node: Any, kind: str, inplace: bool = False) -> CostItem:
     return CostItem(node.name, kind, nbytes=nbytes)
 
 
+def node_kind(gm: Any, node: Any) -> str | None:
+    """Cost kind of an fx call node of ``gm``: ``"layer"`` (conv / linear module), an overhead
+    kind (:data:`OVERHEAD_KINDS`; in-place ReLU modules give ``"relu_"``), ``"free"`` or
+    ``"unknown"``; None for placeholders and outputs. Binary ops that broadcast become
+    ``"mul_bcast"`` only in :func:`model_cost_items` (that needs the input sizes)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            return "layer"
+        kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), "unknown")
+        return "relu_" if kind == "relu" and getattr(mod, "inplace", False) else kind
+    if node.op == "call_function":
+        kind = _FUNCTION_KINDS.get(node.target, "unknown")
+        return "relu_" if kind == "relu" and node.kwargs.get("inplace") else kind
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, "unknown")
+    return None
+
+
 def _node_item(gm: Any, node: Any) -> CostItem | None:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -1665,7 +1792,9 @@ def estimate_model_latency(
     calibrated: bool = True,
 ) -> tuple[float, list[CostItem]]:
     """Predicted latency (ms) of ``model`` on ``example_inputs``: table lookups for conv /
-    linear layers plus op overheads, plus a per-``nn.Module``-call constant when
+    linear layers plus op overheads (both with the table's in-model context fit,
+    :meth:`LatencyTable.calibrate_context`, when it has one), plus a per-``nn.Module``-call
+    constant when
     ``module_calls`` and the table's fitted per-op constant (:meth:`LatencyTable.calibrate`)
     when ``calibrated``. Returns the total and the itemised list; ``"unknown"`` items cost 0 and
     are listed so the caller can see what the estimate missed. Missing layers raise ``KeyError``."""
@@ -1673,9 +1802,9 @@ def estimate_model_latency(
     per_call = table.overhead("module_call", 0) if module_calls and table.overheads else 0.0
     for it in items:
         if it.kind == "layer":
-            it.ms = table.lookup(it.sig, it.c_in, it.c_out)
+            it.ms = table.layer_ms(it.sig, it.c_in, it.c_out)
         elif it.kind not in ("free", "unknown") and table.overheads:
-            it.ms = table.overhead(it.kind, it.nbytes)
+            it.ms = float(table.op_ms(it.kind, it.nbytes))
     total = sum(it.ms for it in items)
     if per_call:
         total += per_call * _count_module_calls(model, example_inputs)
@@ -1724,3 +1853,113 @@ def _count_module_calls(model: nn.Module, example_inputs: Any) -> int:
         for h in handles:
             h.remove()
     return count[0]
+
+
+def _affine_fit(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(scale, per_op_ms)`` of ``in_model ≈ scale * isolated + per_op_ms`` over ``(isolated,
+    in_model)`` pairs: least squares when the isolated values differ enough, else the mean
+    offset; ``scale`` is kept in [0.5, 3] and ``per_op_ms`` non-negative."""
+    iso = np.array([p for p, _ in pairs], dtype=float)
+    meas = np.array([m for _, m in pairs], dtype=float)
+    if len(pairs) >= 3 and iso.max() > 1.5 * max(iso.min(), 1e-9):
+        (scale, per_op), *_ = np.linalg.lstsq(np.stack([iso, np.ones_like(iso)], 1), meas,
+                                              rcond=None)
+        scale = min(max(float(scale), 0.5), 3.0)
+        per_op = max(float(np.mean(meas - scale * iso)), 0.0)
+        return scale, per_op
+    return 1.0, max(float(np.mean(meas - iso)), 0.0)
+
+
+def _context_to_json(ctx: Mapping) -> dict:
+    if not ctx:
+        return {}
+    out = {k: v for k, v in ctx.items() if k != "layers"}
+    out["layers"] = [[sig.to_dict(), float(v)] for sig, v in ctx.get("layers", {}).items()]
+    out["ops"] = {k: list(v) for k, v in ctx.get("ops", {}).items()}
+    return out
+
+
+def _context_from_json(d: Mapping) -> dict:
+    if not d:
+        return {}
+    out = dict(d)
+    out["layers"] = {LayerSig.from_dict(sd): float(v) for sd, v in d.get("layers", [])}
+    out["ops"] = {k: (float(v[0]), float(v[1])) for k, v in d.get("ops", {}).items()}
+    return out
+
+
+def node_times(
+    model: nn.Module, example_inputs: Any, repeats: int = 10, warmup: int = 3
+) -> tuple[dict[str, float], float]:
+    """Median in-model latency (ms) of every call node of ``model`` traced with ``torch.fx``
+    (names as in :func:`model_cost_items`), timed in place by a ``torch.fx.Interpreter`` over
+    ``repeats`` forwards, minus the interpreter's own cost per node (measured on a chain of
+    no-op nodes and returned as the second value). Runs under ``torch.inference_mode()``."""
+    from torch.fx import GraphModule, Interpreter, symbolic_trace
+
+    gm = model if isinstance(model, GraphModule) else symbolic_trace(model)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+
+    class _Timed(Interpreter):
+        def __init__(self, module):
+            super().__init__(module)
+            self.samples: dict[str, list[float]] = {}
+            self.on = False
+
+        def run_node(self, n):
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            if self.on and n.op.startswith("call"):
+                self.samples.setdefault(n.name, []).append((time.perf_counter() - t0) * 1e3)
+            return out
+
+    def run(module, args, reps):
+        ti = _Timed(module)
+        with torch.inference_mode():
+            for _ in range(max(warmup, 1)):
+                ti.run(*args)
+            ti.on = True
+            for _ in range(reps):
+                ti.run(*args)
+        return {k: statistics.median(v) for k, v in ti.samples.items()}
+
+    # the interpreter's own cost per node: a chain of nn.Identity modules on a tiny tensor,
+    # minus the same chain called directly
+    chain = nn.Sequential(*[nn.Identity() for _ in range(32)])
+    tiny = torch.zeros(1)
+    per_node = statistics.median(run(symbolic_trace(chain), (tiny,), max(repeats, 5)).values())
+    direct = measure_latency(chain, (tiny,), 3, 15, min_sample_ms=0.5)[0] / 32
+    interp = max(per_node - direct, 0.0)
+    times = run(gm, inputs, repeats)
+    return {k: max(v - interp, 0.0) for k, v in times.items()}, interp
+
+
+def pin_malloc(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**31 - 1) -> bool:
+    """Fix glibc malloc's thresholds in this process (``mallopt``): blocks up to
+    ``mmap_threshold`` come from the heap and the heap is never trimmed, so that big activation
+    buffers are not returned to the OS and faulted in again on the next forward.
+
+    With glibc's default *dynamic* thresholds whether an op pays page faults for its output
+    depends on the allocation history (e.g. a 1×1 conv at batch 8, 56×56, took 6 ms or 18 ms
+    depending on its output channel count: 0 vs ~12k minor faults per call) and a dense
+    ResNet-50 at batch 8 paid ~57k faults per forward; neither a table nor a whole-model timing
+    is then reproducible. Call this before measuring a table *and* before timing or deploying
+    the model (or run with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or
+    jemalloc / tcmalloc). Irreversible for the process; returns False where glibc's ``mallopt``
+    is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(
+        mallopt(m_trim_threshold, int(trim_threshold)))

@@ -727,6 +727,55 @@ class _Lagrangian:
         return [mm + shift for mm in self.elim.max_marginals(total - shift, psis, msgs)]
 
 
+def _buckets(n: int, k: int) -> np.ndarray:
+    """Start positions of k (or n, if fewer) runs of consecutive positions out of n."""
+    return np.unique(np.linspace(0, n, min(n, k) + 1).astype(np.int64)[:-1])
+
+
+def _coarsen(m: _Model, starts: list[np.ndarray]) -> _Model:
+    """A relaxation of m with the positions of group g merged into runs beginning at starts[g]:
+    a run is worth the most value and costs the least cost of its members (cost tables are
+    reduced by their minimum over each block), so every allocation of m maps to one of the
+    coarse model worth at least as much and costing no more. Its Lagrangian bound and
+    max-marginals therefore bound m (per run: every member position). `sums` layers enter
+    through their linear under-estimators (:meth:`_Model.relaxed`)."""
+    unary, pairs, const = m.relaxed()
+    red = [np.minimum.reduceat(u, st) for u, st in zip(unary, starts)]
+    cpairs = {(a, b): np.minimum.reduceat(np.minimum.reduceat(t, starts[a], axis=0),
+                                          starts[b], axis=1) for (a, b), t in pairs.items()}
+    values = [np.maximum.reduceat(v, st) for v, st in zip(m.values, starts)]
+    choices = [c[st] for c, st in zip(m.choices, starts)]
+    index = [i[st] for i, st in zip(m.index, starts)]
+    return _Model(choices, index, values, red, cpairs, [], const, m.scale)
+
+
+def _coarse_step(st: _Search, deadline: float) -> bool:
+    """Lagrangian bound and variable fixing through a coarsened relaxation (`_coarsen`), for
+    models whose exact elimination tables are too large (fine channel steps, e.g. round_to=1).
+    Uses the finest run count that keeps elimination tractable; tightens st.bound, offers the
+    dual's maximisers (each run at its smallest member, then the greedy fill) as incumbents and
+    removes the fine choices that provably cannot beat the incumbent. False when no coarsening
+    is tractable."""
+    m = st.model
+    pairs = list(m.pairs)
+    for k in (256, 128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4):
+        starts = [_buckets(n, k) for n in m.sizes]
+        elim = _Elimination([len(s) for s in starts], pairs)
+        if max(elim.cells, default=0) <= _MAX_BUCKET and sum(elim.cells) <= _MAX_BUCKETS:
+            break
+    else:
+        return False
+    lag = _Lagrangian(_coarsen(m, starts))
+    bound, lam, points = lag.dual(deadline)
+    st.bound = min(st.bound, max(bound, st.cut))
+    for x in points:
+        st.offer(m, _greedy_positions(m, [int(s[i]) for s, i in zip(starts, x)]))
+    if lam > 0.0 and st.gap() > 0.0 and time.perf_counter() < deadline:
+        lengths = [np.diff(np.append(s, n)) for s, n in zip(starts, m.sizes)]
+        st.fix([np.repeat(p, ln) for p, ln in zip(lag.per_position(lam), lengths)])
+    return True
+
+
 # ----------------------------------------------------------------------------- synthetic problem
 @dataclass(frozen=True)
 class _ConvCost:
@@ -1049,7 +1098,7 @@ def _exact(st: _Search, gap: float, deadline: float) -> bool:
     if lag.tractable and len(st.model.sizes) < 500:
         bound, lam, _ = lag.dual(deadline)
         st.bound = min(st.bound, max(bound, st.cut))
-        floor = st.best_value + 0.5 * gap * abs(st.best_value)
+        floor = st.best_value + 0.9 * gap * abs(st.best_value)
         now = time.perf_counter()
         x, complete = lag.search(lam, floor, now + 0.5 * (deadline - now))
         if x is not None:
@@ -1087,12 +1136,18 @@ def solve(problem: AllocProblem, time_limit: float = 10.0, gap: float = 1e-3,
     trivial = float(sum(max(g.values) for g in problem.groups))
     st = _Search(problem, full, model, first, full.value(first), trivial)
     heuristic_value, proven = st.best_value, False
-    for _ in range(4):
+    for _ in range(8):
         if st.gap() <= gap or time.perf_counter() > deadline:
             break
         lag = _Lagrangian(st.model)
-        if not lag.tractable:
-            break
+        if not lag.tractable:  # fine grids: bound and fix through a coarsened relaxation
+            size = sum(st.model.sizes)
+            if not _coarse_step(st, deadline):
+                break
+            proven = True
+            if sum(st.model.sizes) == size:
+                break
+            continue
         bound, lam, points = lag.dual(deadline)
         st.bound = min(st.bound, max(bound, st.cut))
         proven = True

@@ -198,3 +198,66 @@ def test_slimmed_model_deepcopies_and_pickles():
     assert torch.equal(c(*x), slim(*x))
     q = pickle.loads(pickle.dumps(slim.graphprune_plan))
     assert dict(q.keep) == dict(slim.graphprune_plan.keep)
+
+
+# ----------------------------------------------------------------------------- latency targets
+def _latency_table(a, x, context=None):
+    """A latency table from an analytic timer (no timing) with linear op-overhead curves."""
+    from graphprune import cost as C
+
+    reqs = {}
+    for L in cost_layers(a):
+        ci, co = reqs.get(L.sig, (0, 0))
+        reqs[L.sig] = (max(ci, L.c_in), max(co, L.c_out))
+
+    def timer(sig, ci, co):  # a staircase in c_in, like a real kernel
+        return 0.002 + C.macs(sig, 8 * -(-ci // 8), co) / 2e7
+
+    t = C.LatencyTable.measure(reqs, progress=False, timer=timer, overheads=False)
+    t.overheads = {k: {"bytes": [0.0, 1e5], "ms": [0.0005, 0.0505]} for k in C.OVERHEAD_KINDS}
+    t.overheads["module_call"] = {"bytes": [0.0], "ms": [0.0002]}
+    if context:
+        t.context = context
+    return t
+
+
+def test_overhead_terms_follow_the_kept_channels():
+    from graphprune.allocate import overhead_terms
+
+    m, x = ZOO["resnet18"]()
+    a = gp.analyze(m, x)
+    table = _latency_table(a, x)
+    terms = {t.node: t for t in overhead_terms(a, table)}
+    kinds = sorted({t.kind for t in terms.values()})
+    assert kinds == ["add", "avg_pool2d", "batch_norm", "max_pool2d", "relu_"]
+    # the first BN reads the stem conv's output: its bytes follow the stem group's kept count
+    bn = terms["bn1"]
+    stem = next(L for L in cost_layers(a) if L.node == "conv1")
+    assert bn.in_terms == ((stem.out_group, 1),) and bn.in_const == 0
+    assert bn.channels == stem.c_out
+    shape = next(n for n in a.graph.graph.nodes if n.name == "conv1").meta["val"].shape
+    assert bn.bytes_per_channel == pytest.approx(4 * shape[0] * shape[2] * shape[3])
+
+
+@pytest.mark.parametrize("frac", [0.5, 0.75])
+def test_latency_allocation_predicts_the_slimmed_model(frac):
+    """The solver costs layers *and* the ops between them (with the table's in-model context),
+    so its predicted cost is exactly estimate_model_latency of the slimmed model, and the
+    budget is a fraction of the whole dense model's predicted latency."""
+    from graphprune import cost as C
+
+    m, x = ZOO["resnet18"]()
+    a = gp.analyze(m, x)
+    sigs = {L.sig for L in cost_layers(a)}
+    ctx = {"layers": {s: 1.0 + 0.05 * i for i, s in enumerate(sorted(sigs, key=str))},
+           "layer_default": 1.0, "ops": {"batch_norm": (1.5, 0.001), "relu_": (2.0, 0.0004)}}
+    table = _latency_table(a, x, ctx)
+    p = gp.plan(a, gp.Latency(frac, table=table), round_to=8)
+    dense, _ = C.estimate_model_latency(a.graph, x, table)
+    assert p.meta["full_cost"] == pytest.approx(dense, rel=1e-9)
+    assert p.meta["predicted_cost"] <= frac * dense * (1 + 1e-9)
+    slim = gp.apply(a, p)
+    pred, items = C.estimate_model_latency(slim, x, table)
+    assert p.meta["predicted_cost"] == pytest.approx(pred, rel=1e-9)
+    ops = sum(it.ms for it in items if it.kind not in ("layer", "free", "unknown"))
+    assert ops > 0.1 * pred  # the overheads are a real part of what was budgeted

@@ -504,3 +504,111 @@ def test_calibration_fits():
     assert per_op == 0.0 and scale * 40.0 == pytest.approx(rows[0]["measured_ms"])
     with pytest.raises(ValueError):
         cost._fit_calibration(rows[:1], "both")
+
+
+# ----------------------------------------------------------------------------------------------
+# In-model context fit
+# ----------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def _ctx_table(model, x):
+    sigs = [(it.sig, it.c_in, it.c_out) for it in model_cost_items(model, x) if it.kind == "layer"]
+    table, _ = fake_table(sigs)
+    table.overheads = {k: {"bytes": [0.0, 1e6], "ms": [0.0, 1e-2]} for k in cost.OVERHEAD_KINDS}
+    table.overheads["module_call"] = {"bytes": [0.0], "ms": [0.0]}
+    return table
+
+
+def test_affine_fit_recovers_scale_and_offset():
+    pairs = [(p, 1.5 * p + 0.2) for p in (1.0, 2.0, 5.0, 9.0)]
+    assert cost._affine_fit(pairs) == pytest.approx((1.5, 0.2))
+    # one size only: the mean offset, scale 1
+    assert cost._affine_fit([(2.0, 2.5), (2.0, 2.7)]) == pytest.approx((1.0, 0.6))
+    # clamped: no negative per-op cost, no absurd scale
+    scale, per_op = cost._affine_fit([(p, 10 * p - 5) for p in (1.0, 2.0, 4.0)])
+    assert scale == 3.0 and per_op >= 0.0
+    assert cost._affine_fit([(1.0, 0.5), (1.0, 0.7)])[1] == 0.0
+
+
+def test_context_applies_to_lookups_estimate_and_round_trips(tmp_path):
+    model, x = _Block().eval(), torch.randn(2, 3, 8, 8)
+    table = _ctx_table(model, x)
+    raw, items = estimate_model_latency(model, x, table)
+    sig = next(it.sig for it in items if it.kind == "layer")
+    assert table.layer_scale(sig) == 1.0 and table.op_ms("batch_norm", 1e5) == pytest.approx(1e-3)
+    table.context = {"layers": {sig: 1.25}, "layer_default": 1.1,
+                     "ops": {"batch_norm": (2.0, 0.05)}}
+    assert table.layer_ms(sig, 3, 16) == pytest.approx(1.25 * table.lookup(sig, 3, 16))
+    other = next(it.sig for it in items if it.kind == "layer" and it.sig != sig)
+    assert table.layer_scale(other) == 1.1  # signatures not fitted: the overall factor
+    assert table.op_ms("batch_norm", 1e5) == pytest.approx(2e-3 + 0.05)
+    assert table.op_ms("relu_", 1e5) == pytest.approx(1e-3)  # kinds not fitted: as measured
+    assert np.allclose(table.op_ms("batch_norm", np.array([1e5, 2e5])), [0.052, 0.054])
+    total, items2 = estimate_model_latency(model, x, table)
+    expect = sum(table.layer_ms(it.sig, it.c_in, it.c_out) if it.kind == "layer" else
+                 float(table.op_ms(it.kind, it.nbytes)) if it.kind in table.overheads else 0.0
+                 for it in items2)
+    assert total == pytest.approx(expect) and total > raw
+    table.save(tmp_path / "t.json")
+    back = LatencyTable.load(tmp_path / "t.json", expect=None)
+    assert back.context["layers"] == {sig: 1.25}
+    assert back.context["ops"] == {"batch_norm": (2.0, 0.05)}
+    assert estimate_model_latency(model, x, back)[0] == pytest.approx(total)
+
+
+def test_node_times_cover_every_cost_item():
+    model, x = _Block().eval(), torch.randn(1, 3, 8, 8)
+    times, interp = cost.node_times(model, x, repeats=2, warmup=1)
+    names = {it.name for it in model_cost_items(model, x)}
+    assert names == set(times) and all(v >= 0.0 for v in times.values())
+    assert interp >= 0.0
+
+
+def test_calibrate_context_fits_layers_per_signature_and_ops_per_kind():
+    model, x = _Block().eval(), torch.randn(2, 3, 8, 8)
+    table = _ctx_table(model, x)
+    ctx = table.calibrate_context(model, x, repeats=2, warmup=1)
+    items = model_cost_items(model, x)
+    assert set(ctx["layers"]) == {it.sig for it in items if it.kind == "layer"}
+    assert all(0.5 <= v <= 2.0 for v in ctx["layers"].values())
+    kinds = {it.kind for it in items if it.kind not in ("layer", "free", "unknown")}
+    assert set(ctx["ops"]) == kinds  # batch_norm, relu_, add, avg_pool2d
+    assert all(0.5 <= a <= 3.0 and b >= 0.0 for a, b in ctx["ops"].values())
+    assert ctx["fitted_on"]["ops_ms"]["batch_norm"][2] == 2  # two BN nodes
+
+
+def test_node_kind():
+    gm = torch.fx.symbolic_trace(_Block())
+    kinds = {n.name: cost.node_kind(gm, n) for n in gm.graph.nodes}
+    assert kinds["conv1"] == "layer" and kinds["fc"] == "layer"
+    assert kinds["bn1"] == "batch_norm" and kinds["relu"] == "relu_" and kinds["add"] == "add"
+    assert kinds["flatten"] == "free" and kinds["x"] is None and kinds["output"] is None
+
+
+def test_pin_malloc_in_a_subprocess():
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = "from graphprune.cost import pin_malloc; print(pin_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
