@@ -524,13 +524,23 @@ def _cmd_table(args) -> int:
     opts = {"repeats": args.repeats, "warmup": args.warmup, "overheads": not args.no_overheads}
     if args.no_watch_load:
         opts["watch_load"] = False
+    from .cost import pin_malloc
+
+    pin_malloc()  # reproducible timings (see cost.pin_malloc); deploy with the same setting
     t0 = time.perf_counter()
     table = _measure_table(a, args.round_to, progress=not args.json, **opts)
+    context = "skipped (--no-context)"
+    if args.context:
+        try:  # in-model factors measured once on this (dense) model
+            table.calibrate_context(model, x)
+            context = "fitted on the model"
+        except Exception as e:  # noqa: BLE001 - the table is still usable without it
+            context = f"not fitted ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     table.save(args.out)
-    info = {"out": args.out, "signatures": len(table), "key": table.key,
+    info = {"out": args.out, "signatures": len(table), "key": table.key, "context": context,
             "seconds": round(time.perf_counter() - t0, 2)}
     human = f"measured {len(table)} layer signatures in {info['seconds']}s " \
-        f"({table.key}); wrote {args.out}"
+        f"({table.key}); in-model context {context}; wrote {args.out}"
     _out(args, human, info)
     return EXIT_OK
 
@@ -600,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--no-overheads", action="store_true",
                    help="skip the elementwise/norm overhead curves")
+    s.add_argument("--no-context", dest="context", action="store_false",
+                   help="skip the in-model calibration (node timings of the model itself)")
     s.add_argument("--no-watch-load", action="store_true",
                    help="do not re-measure points timed while the CPUs were busy")
     return p

@@ -25,8 +25,15 @@ TINY = textwrap.dedent("""
         return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 16))
+
+    def wide():  # convs dominate its latency, so a latency target has room below the fixed ops
+        return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                             nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 16))
 """)
 SHAPE = "2,3,16,16"
+WIDE = "2,3,32,32"
 
 
 @pytest.fixture()
@@ -81,18 +88,21 @@ def test_saved_program_as_model_sparsify_bench_analyze(work, capsys):
 
 
 def test_table_measure_then_latency_target(work, capsys):
-    code, out, err = run(capsys, "table", "measure", "tiny.py:small", "--input", SHAPE,
-                         "--out", "cpu.json", "--threads", "1", "--repeats", "2",
+    code, out, err = run(capsys, "table", "measure", "tiny.py:wide", "--input", WIDE,
+                         "--out", "cpu.json", "--threads", "1", "--repeats", "3",
                          "--no-overheads", "--no-watch-load", "--json")
     assert code == 0, err
-    assert json.loads(out)["signatures"] >= 2 and (work / "cpu.json").exists()
-    code, out, err = run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--latency", "0.95",
+    info = json.loads(out)
+    assert info["signatures"] >= 2 and (work / "cpu.json").exists()
+    assert info["context"] == "fitted on the model"
+    code, out, err = run(capsys, "prune", "tiny.py:wide", "--input", WIDE, "--latency", "0.8",
                          "--table", "cpu.json", "--threads", "1", "--json")
     assert code == 0, err
     info = json.loads(out)
     assert all("ms_after" in r for r in info["layers"])
+    assert info["plan_meta"]["predicted_cost"] <= info["plan_meta"]["budget"] * (1 + 1e-9)
     # a table measured under another thread count is refused with a reason
-    code, _, err = run(capsys, "prune", "tiny.py:small", "--input", SHAPE, "--latency", "0.9",
+    code, _, err = run(capsys, "prune", "tiny.py:wide", "--input", WIDE, "--latency", "0.9",
                        "--table", "cpu.json", "--threads", "2")
     assert code == 3 and "threads" in err
 
