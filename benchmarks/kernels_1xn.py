@@ -9,6 +9,7 @@ of repeats, with ``torch.set_num_threads``. Inputs are NCHW (the sparse op retur
     python benchmarks/kernels_1xn.py --quick    # N=16 only, batch 1, a few layers
     python benchmarks/kernels_1xn.py --write benchmarks/RESULTS_kernels.md
     python benchmarks/kernels_1xn.py --threads 1 --json t1.json   # then --merge t1.json t2.json
+    python benchmarks/kernels_1xn.py --ns 16 --batches 8 --threads 2 --json b8t2.json
 """
 
 from __future__ import annotations
@@ -84,7 +85,30 @@ class Row:
         return min(self.dense_nchw_ms, self.dense_cl_ms)
 
 
-def bench_layer(layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int) -> list[Row]:
+def time_rounds_warm(fns, warmup: int = 3, repeats: int = 15) -> list[list[float]]:
+    """Like ``onexn.time_rounds``, but every timed call comes right after an untimed call of the
+    same function, so each one finds its own input (and weights) as warm in the caches as a
+    layer does after the previous layer wrote its input; plain rounds instead favour whichever
+    function happens to follow another one that read the same input."""
+    import time
+
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        for _ in range(repeats):
+            for fn, ts in zip(fns, times):
+                fn()
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_layer(
+    layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int, warm: bool = False
+) -> list[Row]:
     """Time one layer dense (NCHW and channels_last) and at every (N, sparsity), interleaved."""
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -98,7 +122,7 @@ def bench_layer(layer: Layer, batch: int, threads: int, ns, sparsities, repeats:
     mods = [onexn.Conv2d1xN.from_dense(conv, mask_1xn(w, n, sp), n) for n, sp in cases]
     fns = [lambda: F.conv2d(x, w, b, *args), lambda: F.conv2d(xc, wc, b, *args)]
     fns += [lambda m=m: m(x) for m in mods]
-    rounds = onexn.time_rounds(fns, repeats=repeats)
+    rounds = (time_rounds_warm if warm else onexn.time_rounds)(fns, repeats=repeats)
     t_nchw, t_cl = statistics.median(rounds[0]), statistics.median(rounds[1])
     dense = rounds[0] if t_nchw <= t_cl else rounds[1]
     rows = []
@@ -220,13 +244,20 @@ def bar_table(rows: list[Row], n: int = 16) -> str:
 NOTES = """## How it was measured
 
 - Every round times dense NCHW, dense channels_last and each sparse module once, in turn;
-  21 rounds after 3 warm-up rounds. Times are medians; a speedup is the median over rounds of
-  (faster dense time / sparse time) in the same round, which cancels slow load changes.
-- The machine is a 2-vCPU VM shared with other sessions. The run waited for the CPUs to be
-  idle before each layer (`--wait-quiet`); repeated runs still differ by about 10-20% per layer
-  (e.g. 2048->512 1x1@7, 1 thread, 75%: 2.4x-3.3x across runs).
-- Input is NCHW float32 (what users have); the sparse op reads it in place (1x1) or copies it
-  once into zero-padded planes (padding/stride), and returns NCHW.
+  11 rounds after 3 warm-up rounds (`--repeats`). Times are medians; a speedup is the median over
+  rounds of (faster dense time / sparse time) in the same round, which cancels slow load changes.
+- The machine is a 2-vCPU VM shared with other sessions (and, judging by dense times that drift
+  by up to 40% between runs, with other VMs). The run waited for the CPUs to be idle before each
+  layer (`--wait-quiet`); repeated runs still differ by 10-20% per layer, more at batch 8.
+- Cache state matters at batch 8 (the input of a 56x56 layer is 6-26 MB): in plain rounds the
+  first sparse case runs right after dense channels_last, which read its own copy of the input,
+  so it finds its input colder than the others do. `--warm` runs every function once, untimed,
+  right before each timed call (every case then finds its input in L3, as a layer does right
+  after the previous layer wrote it). Tables here are plain rounds unless a heading says
+  otherwise; with `--warm` an earlier build gave a similar picture (not reported).
+- Input is NCHW float32 (what users have); the sparse op reads it in place (1x1) or packs it
+  into zero-padded planes (padding/stride; per block of rows inside the kernel when the batch
+  is big), and returns NCHW.
 - GFLOP/s counts only the kept (non-zero) multiply-adds.
 """
 
@@ -248,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 8 (quick: 1)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--ns", type=int, nargs="+", default=None, help="default 4 8 16 32 (quick: 16)")
+    ap.add_argument(
+        "--sparsities", type=float, nargs="+", default=None,
+        help="default 0.5 0.75 0.875 (quick: 0.5 0.75)",
+    )  # fmt: skip
     ap.add_argument(
         "--wait-quiet", type=float, default=0.0,
         help="before each layer wait up to this many seconds for the machine to be idle",
@@ -255,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--quiet-busy", type=float, default=None,
         help="'idle' means all CPUs busy below this fraction (default: 0.1, or 0.55 for 1 thread)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--warm", action="store_true",
+        help="run each function once, untimed, right before each of its timed calls",
     )  # fmt: skip
     ap.add_argument("--json", default=None, help="also save the rows as JSON to this path")
     ap.add_argument("--merge", nargs="+", default=None, help="report from saved JSON files only")
@@ -271,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not onexn.available():
         raise SystemExit("the 1xN C++ kernel is not available; nothing to benchmark")
-    ns = (16,) if a.quick else (4, 8, 16, 32)
-    sps = (0.5, 0.75) if a.quick else (0.5, 0.75, 0.875)
+    ns = a.ns or ((16,) if a.quick else (4, 8, 16, 32))
+    sps = a.sparsities or ((0.5, 0.75) if a.quick else (0.5, 0.75, 0.875))
     layers = LAYERS[::2] if a.quick else LAYERS
     batches = a.batches or ((1,) if a.quick else (1, 8))
     old = torch.get_num_threads()
@@ -283,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                 limit = a.quiet_busy or (0.55 if threads == 1 else 0.1)
                 if a.wait_quiet and not wait_quiet(a.wait_quiet, limit):
                     print(f"warning: machine busy while timing {layer.name}", flush=True)
-                new = bench_layer(layer, batch, threads, ns, sps, a.repeats)
+                new = bench_layer(layer, batch, threads, ns, sps, a.repeats, a.warm)
                 for r in new:
                     _print_row(r)
                 rows += new

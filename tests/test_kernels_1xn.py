@@ -140,6 +140,61 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
             assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
 
 
+# Tiling knobs: GP_1XN_FUSE_KB=0 packs every padded/strided NCHW input per block of rows in
+# the thread that uses it (row-block mode); GP_1XN_L2_KB=16 (with GP_1XN_SMALL_KB=0: even small
+# inputs count as too big for L2) makes units (tile runs / row blocks) as small as they get, so
+# images split into many units with ragged ends; GP_1XN_PF=1 / GP_1XN_PFD turn the next-unit
+# (L2) prefetch on / set the next-rows (L1) prefetch distance.
+TILING = [
+    {},
+    {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
+    {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000", "GP_1XN_L2_KB": "16", "GP_1XN_PFD": "3"},
+    {"GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16", "GP_1XN_PF": "1"},
+    {"GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16", "GP_1XN_PFD": "0", "GP_1XN_ORDER": "0"},
+    {"GP_1XN_FUSE_KB": "100000", "GP_1XN_ORDER": "1", "GP_1XN_PFD": "48"},
+]
+
+
+@pytest.mark.parametrize(
+    "env", TILING, ids=lambda e: ",".join(f"{k[7:]}={v}" for k, v in e.items())
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "batch,c,k,hw,ks,stride,pad,dil",
+    [
+        (1, 32, 32, 23, 3, 1, 1, 1),  # 23*23 pixels: no tile multiple, tail pixels
+        (8, 24, 48, 17, 3, 1, 1, 1),  # batch 8, row blocks shorter than an image
+        (9, 16, 32, 13, 3, 2, 1, 1),  # stride 2: phase planes
+        (3, 40, 16, 19, 3, 1, 2, 2),  # dilation 2, padding 2
+        (8, 64, 32, 7, 1, 1, 0, 1),  # 1x1 in place, 49 pixels per image
+        (2, 48, 64, 31, 1, 2, 0, 1),  # 1x1 stride 2 (planar copy)
+        (8, 72, 16, 9, (1, 3), (2, 1), (0, 1), 1),  # non-square kernel, stride, padding
+    ],
+)
+def test_conv_tiling_edge_cases(monkeypatch, env, threads, batch, c, k, hw, ks, stride, pad, dil):
+    """Every tiling mode (row blocks, small units, prefetch, item order) matches dense masked."""
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    for key, val in env.items():
+        monkeypatch.setenv(key, val)
+    _, mask, sp = _sparse_conv(
+        c, k, 16, 0.75, 3, kernel_size=ks, stride=stride, padding=pad, dilation=dil
+    )
+    x = torch.randn(batch, c, hw, hw + 2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ref = F.conv2d(x.double(), sp.to_dense().double(), sp.bias.double(), stride, pad, dil)
+            y = sp(x)
+            y_cl = sp(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        torch.set_num_threads(old)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert _rel_err(y, ref.float()) < 1e-5
+    assert _rel_err(y_cl, ref.float()) < 1e-5
+
+
 def test_float64_and_no_cpp_env_use_reference(monkeypatch):
     """Non-fp32 inputs and GRAPHPRUNE_NO_CPP=1 run the reference path with the same numbers."""
     conv, mask, sp = _sparse_conv(8, 16, 8, 0.5, 1, kernel_size=3, padding=1)
@@ -156,6 +211,7 @@ def test_float64_and_no_cpp_env_use_reference(monkeypatch):
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
     """A failing C++ build warns once and the ops still work through the reference path."""
+    monkeypatch.delenv("GRAPHPRUNE_NO_CPP", raising=False)
     state = (onexn._EXT.tried, onexn._EXT.module)
 
     def boom():

@@ -18,17 +18,32 @@
 //   ov ("output vectorised"): P pixels x NV vectors of W outputs (the last one masked when
 //     N % W != 0); natural NHWC store. Used for NHWC output with N % W == 0 or few pixels
 //     (linear layers, GEMV) and for the last few pixels of each image under pv.
-// The driver cuts the work into items (a macro tile of pixels x one output group, all items
-// equal work: uniform 1xN) that OpenMP threads claim in chunks from an atomic counter. Within
-// an item: tile, then an L1-sized block of kept channels, then the output chunks of the group.
-// While a tile is computed, its group's share of the next macro tile's channel rows is
-// prefetched into L2.
+// The driver cuts the work into items: a unit (a run of pixel tiles of one image) x a block of
+// output groups (all groups unless there are too few units to keep the threads busy; all items
+// equal work: uniform 1xN). A unit's activations of all channels are sized to stay in L2
+// (GP_1XN_L2_KB) while every group of the block sweeps them; within a group: tile, then an
+// L1-sized block of kept channels, then the output chunks of the group. OpenMP threads claim
+// chunks of items from an atomic counter (one chunk ahead with GP_1XN_PF=1, so a thread knows
+// the next unit to prefetch).
+// When a tile's rows of all channels do not fit in L1 (1x1 layers with many input channels),
+// the pv micro-kernel prefetches the rows of the (channel, tap) pair a few iterations ahead into
+// L1; the hardware prefetchers cannot follow hundreds of rows.
+// Padded / strided NCHW input whose planar copy would not fit in L2 runs in row-block mode: a
+// unit is a block of output rows, and the thread that claims it first packs the plane rows it
+// reads (all channels) into its own L2-sized buffer, so the copy never goes back to memory.
+// (Only when the weights of all groups fit in L2 too; else the whole batch is packed up front
+// and the item order may put groups outer, by estimated re-read traffic.)
 //
-// Tuning knobs (environment, read per call): GP_1XN_MT_PX (pixels per macro tile, 1024),
-// GP_1XN_L1_KB (activation bytes per channel block, 24), GP_1XN_PF (0 disables the prefetch),
-// GP_1XN_ORDER (1 forces group-outer item order, 0 macro-tile-outer; default by traffic),
-// GP_1XN_TAIL (an image's last pixel vector with at most this many pixels runs on the ov
-// kernel; default W/2).
+// Tuning knobs (environment, read per call): GP_1XN_L2_KB (activation bytes per unit, 512),
+// GP_1XN_SMALL_KB (activations of the whole batch up to this size count as L2-resident: units
+// are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit,
+// 1024), GP_1XN_L1_KB (activation bytes per channel block,
+// 24), GP_1XN_PFD (L1 prefetch distance in pairs; 0 disables; default 8 for 1x1, R*S else), GP_1XN_PF (1 enables a software
+// L2 prefetch of the next unit; off by default: it loses when the activations are already in
+// L3, as between layers), GP_1XN_FUSE_KB (planar copies above this size use row-block mode,
+// 1024), GP_1XN_RB_WKB (max weight bytes of all groups for row-block mode, 384), GP_1XN_ORDER
+// (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
+// last pixel vector with at most this many pixels runs on the ov kernel; default W/2).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -58,13 +73,78 @@
 
 namespace gp {
 
+// Columns j in [lo, hi) of a plane row whose source column j*stride + shift lies in [0, W).
+struct Span {
+  int64_t lo, hi;
+};
+static inline Span valid_span(int64_t Wq, int64_t stride, int64_t shift, int64_t W) {
+  int64_t lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
+  int64_t hi = W - 1 - shift < 0 ? 0 : (W - 1 - shift) / stride + 1;
+  lo = std::min(lo, Wq);
+  hi = std::max(lo, std::min(hi, Wq));
+  return {lo, hi};
+}
+
+struct Geom {
+  int64_t B, C, H, W, K, R, S, sh, sw, ph, pw, dh, dw, Ho, Wo;
+};
+
+// The copy of x into zero-padded, phase-split channel planes: either of the whole batch up front
+// (run by the kernel's own threads), or, in row-block mode (NCHW input), of one block of plane
+// rows at a time into a thread's L2-sized buffer just before the block is used.
+struct Pack {
+  const float* src = nullptr;
+  float* dst = nullptr;
+  bool from_nhwc = false;
+  Geom g{};
+  std::vector<std::pair<int64_t, int64_t>> planes;  // (row phase, column phase)
+  int64_t Hq = 0, Wq = 0, plane = 0, cs = 0, bs = 0;
+  int64_t units = 0;  // NCHW: one (image, channel); NHWC: one (image, plane, row)
+};
+
+// Plane rows [i0, i1) of channels [c_lo, c_hi) of image b, every phase plane, from NCHW x into
+// dst: row i of plane p of channel c goes to dst + c * dcs + p * dplane + (i - i0) * Wq.
+static void pack_rows_nchw(const Pack& pk, int64_t b, int64_t c_lo, int64_t c_hi, int64_t i0,
+                           int64_t i1, float* dst, int64_t dplane, int64_t dcs) {
+  const Geom& g = pk.g;
+  for (int64_t c = c_lo; c < c_hi; ++c)
+    for (int64_t p = 0; p < (int64_t)pk.planes.size(); ++p) {
+      const int64_t a = pk.planes[p].first, bb = pk.planes[p].second;
+      const Span sp = valid_span(pk.Wq, g.sw, bb - g.pw, g.W);
+      float* d0 = dst + c * dcs + p * dplane;
+      const float* s0 = pk.src + (b * g.C + c) * g.H * g.W;
+      for (int64_t i = i0; i < i1; ++i) {
+        // plain loops, not memcpy/memset: rows are short and the calls would dominate
+        float* __restrict d = d0 + (i - i0) * pk.Wq;
+        const int64_t ih = i * g.sh + a - g.ph;
+        const bool row_ok = ih >= 0 && ih < g.H;
+        const int64_t lo_j = row_ok ? sp.lo : pk.Wq, hi_j = row_ok ? sp.hi : pk.Wq;
+        const float* __restrict srow = s0 + ih * g.W + bb - g.pw;
+        for (int64_t j = 0; j < lo_j; ++j) d[j] = 0.f;
+        if (g.sw == 1)
+          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j];
+        else
+          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j * g.sw];
+        for (int64_t j = hi_j; j < pk.Wq; ++j) d[j] = 0.f;
+      }
+    }
+}
+
+static void pack_nchw(const Pack& pk, int64_t lo, int64_t hi) {
+  for (int64_t bc = lo; bc < hi; ++bc) {
+    const int64_t b = bc / pk.g.C, c = bc % pk.g.C;
+    pack_rows_nchw(pk, b, c, c + 1, 0, pk.Hq, pk.dst + b * pk.bs, pk.plane, pk.cs);
+  }
+}
+
 enum class Kind { PV, OV };
 
 struct Job {
   // activations
   const float* x = nullptr;
   int64_t bs = 0, cs = 0, ld = 1;
-  std::vector<int64_t> toff;
+  std::vector<int64_t> toff;        // flat offset of each tap
+  std::vector<int64_t> tplane, trc; // planar input: toff[t] = tplane[t] * plane + trc[t]
   int64_t taps = 1, Wq = 1, L = 1;
   // weights
   const float* w = nullptr;
@@ -75,20 +155,45 @@ struct Job {
   float* y = nullptr;
   bool y_cl = false;
   int64_t B = 1, Ho = 1, Wo = 1;
-  // tiling
+  // tiling: work items are (unit, group block); a unit is a run of tiles of one image
   Kind kind = Kind::PV;
   int64_t tile = 1;      // pv: pixels per tile; ov: max pixels per tile
   int64_t ntile_img = 1; // tiles per image
-  int64_t mt_tiles = 1;  // tiles per macro tile
-  int64_t n_mt = 1;      // macro tiles in all
-  bool g_outer = false;  // item order: (group, macro tile) instead of (macro tile, group)
+  int64_t mt_tiles = 1;  // tiles per unit (not in row-block mode)
+  int64_t n_blk = 1;     // units per image
+  int64_t n_units = 1;   // units in all (B * n_blk)
+  int64_t n_gb = 1;      // group blocks per unit
+  bool g_outer = false;  // item order: (group block, unit) instead of (unit, group block)
   int64_t jblock = 1;    // pv: kept channels per L1 block
   int64_t tail_max = 0;  // pv: an image's last vector with at most this many pixels goes to ov
   int64_t C = 1;         // input channels
-  int64_t pf_start = 0, pf_lines = 0;  // pv: next-tile prefetch window (floats from f0, lines)
+  bool pf = false;       // pv: prefetch the next unit's rows (all channels) into L2
+  int64_t pfd = 0;       // pv: L1 prefetch distance in (channel, tap) pairs; 0 = off
+  int64_t pf_start = 0, pf_extra = 0;  // prefetch window: floats before / after a unit's pixels
+  // row-block mode: a unit is a block of rb_rows output rows; its plane rows (loc_rows of them,
+  // all channels) are packed by the thread that claims it into its own buffer
+  bool rb = false;
+  const Pack* pk = nullptr;
+  int64_t rb_rows = 1, loc_rows = 0, loc_plane = 0, loc_floats = 0;
   int64_t chunk = 1;     // items handed to a thread at a time
   std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
 };
+
+// Unit u: image b and its flat pixel range [fa, fb) (pv), or tile range [fa, fb) (ov); row0 is
+// the first plane row of a row-block unit.
+struct UnitRange {
+  int64_t b, fa, fb, row0;
+};
+static inline UnitRange unit_range(const Job& jb, int64_t u) {
+  const int64_t b = u / jb.n_blk, k = u % jb.n_blk;
+  if (jb.rb) {
+    const int64_t oh0 = k * jb.rb_rows, oh1 = std::min(jb.Ho, oh0 + jb.rb_rows);
+    return {b, oh0 * jb.Wq, (oh1 - 1) * jb.Wq + jb.Wo, oh0};
+  }
+  const int64_t t0 = k * jb.mt_tiles, t1 = std::min(jb.ntile_img, t0 + jb.mt_tiles);
+  if (jb.kind == Kind::PV) return {b, t0 * jb.tile, std::min(jb.L, t1 * jb.tile), 0};
+  return {b, t0, t1, 0};
+}
 
 }  // namespace gp
 
@@ -216,80 +321,62 @@ static void plan_tiles(Job& job) {
   job.jblock =
       std::max<int64_t>(8, env_int("GP_1XN_L1_KB", 24) * 1024 / std::max<int64_t>(1, ch_bytes));
   job.tail_max = std::min<int64_t>(env_int("GP_1XN_TAIL", vec_width() / 2), ov_tile_px());
-  const int64_t ntiles = job.B * job.ntile_img;
-  const int64_t px_per_tile = std::max<int64_t>(1, job.L / job.ntile_img);
-  // Large macro tiles reuse a group's weights over more pixels and write long runs of each
-  // output row; keep at least a few items per thread.
-  const int64_t target = env_int("GP_1XN_MT_PX", 1024);
   const int64_t nth = std::max(1, at::get_num_threads());
-  job.mt_tiles = std::max<int64_t>(1, std::min<int64_t>(ntiles, target / px_per_tile));
-  while (job.mt_tiles > 1 && ((ntiles + job.mt_tiles - 1) / job.mt_tiles) * job.G < 4 * nth)
-    job.mt_tiles = (job.mt_tiles + 1) / 2;
-  job.n_mt = (ntiles + job.mt_tiles - 1) / job.mt_tiles;
-  // Re-read traffic of each order: weights once per macro tile vs activations once per group.
+  // A unit's activations (all channels) should stay in L2 while every group sweeps them, with
+  // room for the next unit's rows being prefetched.
+  const int64_t l2 = std::max<int64_t>(16, env_int("GP_1XN_L2_KB", 512)) * 1024;
+  const bool small_act =
+      4 * job.B * job.C * (job.L + span) <= env_int("GP_1XN_SMALL_KB", 1536) * 1024;
+  if (job.rb) {
+    const Pack& pk = *job.pk;
+    const int64_t npl = (int64_t)pk.planes.size(), rq = pk.Hq - job.Ho;
+    const int64_t row_bytes = 4 * job.C * npl * job.Wq;
+    int64_t rows = std::max<int64_t>(1, std::min(job.Ho, l2 / row_bytes - rq));
+    while (rows > 1 && job.B * ((job.Ho + rows - 1) / rows) < 4 * nth) rows = (rows + 1) / 2;
+    job.rb_rows = rows;
+    job.n_blk = (job.Ho + rows - 1) / rows;
+    job.loc_rows = rows + rq;
+    job.loc_plane = job.loc_rows * job.Wq;
+    job.cs = npl * job.loc_plane;
+    job.bs = 0;
+    for (int64_t t = 0; t < job.taps; ++t) job.toff[t] = job.tplane[t] * job.loc_plane + job.trc[t];
+    // + slack so unmasked loads past the last row stay inside the buffer
+    job.loc_floats = job.C * job.cs + 2 * job.Wq + 64;
+  } else {
+    // (activations that fit in L2 as a whole stay there anyway: no need for short units, whose
+    // groups would then re-read their weights more often)
+    const int64_t mt_px = env_int("GP_1XN_MT_PX", 1024);
+    const int64_t px_l2 = l2 / (4 * std::max<int64_t>(1, job.C)) - span;
+    const int64_t target = small_act ? mt_px : std::min(mt_px, px_l2);
+    // (round up: a unit ending just short of the image end would leave a sliver of a unit)
+    job.mt_tiles = std::max<int64_t>(
+        1, std::min<int64_t>(job.ntile_img, (target + job.tile / 2) / job.tile));
+    if (job.ntile_img - job.mt_tiles < std::max<int64_t>(1, job.mt_tiles / 4))
+      job.mt_tiles = job.ntile_img;
+    job.n_blk = (job.ntile_img + job.mt_tiles - 1) / job.mt_tiles;
+  }
+  job.n_units = job.B * job.n_blk;
+  // Re-read traffic of each order: weights once per unit vs activations once per group.
   const double wbytes = 4.0 * job.G * job.kept * job.taps * job.N;
   const double abytes = 4.0 * job.B * kept_eff * job.L;
   const int64_t order = env_int("GP_1XN_ORDER", -1);
-  job.g_outer = order >= 0 ? order == 1 : (job.n_mt * wbytes > job.G * abytes);
-  job.pf_lines = 0;
-  if (job.kind == Kind::PV && !job.g_outer && env_int("GP_1XN_PF", 1)) {
-    job.pf_start = job.toff.empty() ? 0 : job.toff.front();
-    job.pf_lines = (4 * (job.tile + std::min<int64_t>(span, 3 * job.Wq)) + 63) / 64;
+  job.g_outer = !job.rb && (order >= 0 ? order == 1 : (job.n_units * wbytes > job.G * abytes));
+  if (job.g_outer) {
+    job.n_gb = job.G;
+  } else {
+    // split the groups of a unit over items only when there are too few units to balance
+    job.n_gb = 1;
+    while (job.n_units * job.n_gb < 4 * nth && job.n_gb < job.G) job.n_gb *= 2;
+    job.n_gb = std::min(job.n_gb, job.G);
   }
-}
-
-// Columns j in [lo, hi) of a plane row whose source column j*stride + shift lies in [0, W).
-struct Span {
-  int64_t lo, hi;
-};
-static Span valid_span(int64_t Wq, int64_t stride, int64_t shift, int64_t W) {
-  int64_t lo = shift >= 0 ? 0 : (-shift + stride - 1) / stride;
-  int64_t hi = W - 1 - shift < 0 ? 0 : (W - 1 - shift) / stride + 1;
-  lo = std::min(lo, Wq);
-  hi = std::max(lo, std::min(hi, Wq));
-  return {lo, hi};
-}
-
-struct Geom {
-  int64_t B, C, H, W, K, R, S, sh, sw, ph, pw, dh, dw, Ho, Wo;
-};
-
-// Build the planar (padded, phase-split) copy of x, or point at x when it can be read in place.
-// Returns the tensor that owns the memory (may be x itself).
-// The copy of x into zero-padded, phase-split channel planes; run by the kernel's own threads.
-struct Pack {
-  const float* src = nullptr;
-  float* dst = nullptr;
-  bool from_nhwc = false;
-  Geom g{};
-  std::vector<std::pair<int64_t, int64_t>> planes;  // (row phase, column phase)
-  int64_t Hq = 0, Wq = 0, plane = 0, cs = 0, bs = 0;
-  int64_t units = 0;  // NCHW: one (image, channel); NHWC: one (image, plane, row)
-};
-
-static void pack_nchw(const Pack& pk, int64_t lo, int64_t hi) {
-  const Geom& g = pk.g;
-  for (int64_t bc = lo; bc < hi; ++bc)
-    for (int64_t p = 0; p < (int64_t)pk.planes.size(); ++p) {
-      const int64_t a = pk.planes[p].first, bb = pk.planes[p].second;
-      const Span sp = valid_span(pk.Wq, g.sw, bb - g.pw, g.W);
-      float* d0 = pk.dst + bc * pk.cs + p * pk.plane;
-      const float* s0 = pk.src + bc * g.H * g.W;
-      for (int64_t i = 0; i < pk.Hq; ++i) {
-        // plain loops, not memcpy/memset: rows are short and the calls would dominate
-        float* __restrict d = d0 + i * pk.Wq;
-        const int64_t ih = i * g.sh + a - g.ph;
-        const bool row_ok = ih >= 0 && ih < g.H;
-        const int64_t lo_j = row_ok ? sp.lo : pk.Wq, hi_j = row_ok ? sp.hi : pk.Wq;
-        const float* __restrict srow = s0 + ih * g.W + bb - g.pw;
-        for (int64_t j = 0; j < lo_j; ++j) d[j] = 0.f;
-        if (g.sw == 1)
-          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j];
-        else
-          for (int64_t j = lo_j; j < hi_j; ++j) d[j] = srow[j * g.sw];
-        for (int64_t j = hi_j; j < pk.Wq; ++j) d[j] = 0.f;
-      }
-    }
+  job.pf = job.kind == Kind::PV && !job.g_outer && !job.rb && env_int("GP_1XN_PF", 0) != 0;
+  // L1 prefetch of the rows a few pairs ahead: only pays when a tile's rows of all channels do not
+  // stay in L1 from one group to the next
+  const bool l1_fits = job.C * ch_bytes <= 32 * 1024;
+  const int64_t pfd = l1_fits ? 0 : job.taps == 1 ? 8 : job.taps;
+  job.pfd = std::min<int64_t>(48, std::max<int64_t>(0, env_int("GP_1XN_PFD", pfd)));
+  job.pf_start = job.toff.empty() ? 0 : job.toff.front();
+  job.pf_extra = span;
 }
 
 // x is NHWC in memory: transpose rows of pixels into channel planes, 16 channels at a time.
@@ -328,7 +415,7 @@ static void pack_units(const Pack& pk, int64_t lo, int64_t hi) {
 // Point the job at the planar (padded, phase-split) view of x: x itself when it can be read in
 // place, else a new buffer that `pk` describes how to fill. Returns the tensor owning the memory.
 static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, Job& job,
-                                 Pack& pk) {
+                                 Pack& pk, bool allow_rb = false) {
   const int64_t rmax = (g.R - 1) * g.dh, smax = (g.S - 1) * g.dw;
   job.ld = 1;
   job.toff.clear();
@@ -363,18 +450,34 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
   job.Wq = pk.Wq;
   job.cs = pk.cs;
   job.bs = pk.bs;
+  job.tplane.clear();
+  job.trc.clear();
   for (int64_t r = 0; r < g.R; ++r)
     for (int64_t s = 0; s < g.S; ++s) {
       int64_t a = (r * g.dh) % g.sh, b = (s * g.dw) % g.sw;
-      job.toff.push_back(plane_of[a * g.sw + b] * pk.plane + (r * g.dh / g.sh) * pk.Wq +
-                         (s * g.dw / g.sw));
+      job.tplane.push_back(plane_of[a * g.sw + b]);
+      job.trc.push_back((r * g.dh / g.sh) * pk.Wq + (s * g.dw / g.sw));
+      job.toff.push_back(job.tplane.back() * pk.plane + job.trc.back());
     }
   job.L = (g.Ho - 1) * pk.Wq + g.Wo;
+  pk.src = x.data_ptr<float>();
+  pk.from_nhwc = x_cl;
+  // A batch too big for L2 is packed a block of rows at a time by the thread that uses it, so the
+  // copy is read back from L2 instead of making one more trip through memory. Every block is
+  // swept by all groups, so only when the weights of all groups stay in L2 too (else the whole
+  // batch is packed up front and the groups may go outer, see plan_tiles).
+  const int64_t wbytes = 4 * job.G * job.kept * g.R * g.S * job.N;
+  if (allow_rb && !x_cl && 4 * g.B * pk.bs > env_int("GP_1XN_FUSE_KB", 1024) * 1024 &&
+      wbytes <= env_int("GP_1XN_RB_WKB", 384) * 1024) {
+    job.rb = true;
+    job.pk = &pk;
+    job.x = nullptr;
+    pk.units = 0;
+    return x;
+  }
   // + one vector of slack so unmasked loads past the last plane stay inside the buffer
   auto xq = at::empty({g.B * pk.bs + 64}, x.options());
   pk.dst = xq.data_ptr<float>();
-  pk.src = x.data_ptr<float>();
-  pk.from_nhwc = x_cl;
   pk.units = x_cl ? g.B * (int64_t)pk.planes.size() * pk.Hq : g.B * g.C;
   std::memset(pk.dst + g.B * pk.bs, 0, 64 * sizeof(float));
   job.x = pk.dst;
@@ -386,7 +489,7 @@ static void run_job(Job& job, const Pack& pk) {
   int nth = std::max(1, at::get_num_threads());
   std::atomic<int64_t> next{0};
   job.next = &next;
-  const int64_t total = job.n_mt * job.G;
+  const int64_t total = job.n_units * job.n_gb;
   // small chunks: balance (and robustness to a descheduled thread) beat locality here
   job.chunk = std::max<int64_t>(1, total / (64 * nth));
   const Isa isa = g_isa;
@@ -494,7 +597,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
     job.cs = 1; job.ld = g.C; job.bs = g.H * g.W * g.C;
     job.Wq = g.W; job.L = g.H * g.W; job.toff = {0};
   } else {
-    keep = prepare_planar(x, x_cl, g, job, pk);
+    keep = prepare_planar(x, x_cl, g, job, pk, job.kind == Kind::PV);
   }
   plan_tiles(job);
   run_job(job, pk);
@@ -575,7 +678,7 @@ template <int NC, int V>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
                     const float* __restrict bias, float* __restrict out, int64_t ldo,
-                    bool acc_in, const PvStore& st) {
+                    bool acc_in, const PvStore& st, int64_t pfd) {
   VT acc[NC][V];
   const MT m = vmask(rem);
   if (acc_in) {
@@ -595,6 +698,12 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
   for (int64_t q = 0; q < nq; ++q) {
     const float* xa = x + off[q];
     const float* wq = w + q * N;
+    if (pfd) {
+      // pull the pixels of pair q + pfd into L1 (the L1 prefetchers cannot follow many rows)
+      const char* pa = (const char*)(x + off[q + pfd]);
+      GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
+      _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+    }
     VT a[V];
     GP_UNROLL for (int v = 0; v < V - 1; ++v) a[v] = vload(xa + v * W);
     a[V - 1] = vloadm(xa + (V - 1) * W, m);
@@ -667,15 +776,19 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
 }
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                      const float*, float*, int64_t, bool, const PvStore&);
+                      const float*, float*, int64_t, bool, const PvStore&, int64_t);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
                       const float*, float* const*, int64_t);
 
-// off[j * taps + t] = idx[j] * cs + toff[t] for output group g.
+// off[j * taps + t] = idx[j] * cs + toff[t] for output group g, then kOffPad copies of the last
+// entry (targets for the L1 prefetch past the end).
+static constexpr int64_t kOffPad = 64;
 static void fill_offsets(const Job& jb, int64_t g, int64_t* off) {
   const int32_t* ig = jb.idx + g * jb.kept;
   for (int64_t j = 0; j < jb.kept; ++j)
     for (int64_t t = 0; t < jb.taps; ++t) off[j * jb.taps + t] = ig[j] * jb.cs + jb.toff[t];
+  const int64_t nq = jb.kept * jb.taps;
+  for (int64_t i = 0; i < kOffPad; ++i) off[nq + i] = nq ? off[nq - 1] : 0;
 }
 
 template <int NC, int... Vs>
@@ -718,22 +831,36 @@ static void pv_writeback(const Job& jb, const float* buf, int64_t ldb, int64_t n
   }
 }
 
-// Prefetch into L2 the rows of tile `tl` for this group's slice of all input channels, so the
-// items of one macro tile together pull in the next macro tile (the hardware prefetcher cannot
-// follow hundreds of channel rows).
-static void prefetch_next(const Job& jb, int64_t tl, int64_t g) {
-  if (tl >= jb.B * jb.ntile_img) return;
-  const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * jb.tile;
-  const int64_t c_lo = jb.C * g / jb.G, c_hi = jb.C * (g + 1) / jb.G;
-  const char* base = (const char*)(jb.x + b * jb.bs + f0 + jb.pf_start);
-  for (int64_t c = c_lo; c < c_hi; ++c)
-    for (int64_t l = 0; l < jb.pf_lines; ++l)
-      _mm_prefetch(base + c * jb.cs * 4 + l * 64, _MM_HINT_T1);
-}
+// Software prefetch of the next unit a thread will work on: every channel's rows of its pixel
+// range go to L2, spread evenly over the steps (group x tile) of the current unit (the hardware
+// prefetcher cannot follow hundreds of channel rows).
+struct Prefetch {
+  const char* base = nullptr;  // channel 0, first line
+  int64_t cs_bytes = 0, lines = 0, C = 0, steps = 1, step = 0;
+  void init(const Job& jb, int64_t u, int64_t nsteps) {
+    const UnitRange r = unit_range(jb, u);
+    base = (const char*)(jb.x + r.b * jb.bs + r.fa + jb.pf_start);
+    cs_bytes = 4 * jb.cs;
+    lines = (4 * (r.fb - r.fa + jb.pf_extra) + 63) / 64 + 1;
+    C = jb.C;
+    steps = std::max<int64_t>(1, nsteps);
+    step = 0;
+  }
+  void tick() {
+    if (!base || step >= steps) return;
+    const int64_t c0 = C * step / steps, c1 = C * (step + 1) / steps;
+    ++step;
+    for (int64_t c = c0; c < c1; ++c) {
+      const char* p = base + c * cs_bytes;
+      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(p + l * 64, _MM_HINT_T1);
+    }
+  }
+};
 
-// The last few pixels of an image (a pv vector would be mostly empty lanes) go through the ov
+// The last few pixels of a unit (a pv vector would be mostly empty lanes) go through the ov
 // kernel instead (vectorised over outputs, a broadcast per pixel), then are scattered into y.
-static void ov_tail(const Job& jb, int64_t g, int64_t b, int64_t f0, int64_t cnt,
+// xt: activations of flat position f0 (read at xt + off[q] + p).
+static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_t f0, int64_t cnt,
                     const int64_t* off, float* tbuf) {
   const int64_t HoWo = jb.Ho * jb.Wo;
   float* outp[16];
@@ -743,9 +870,8 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, int64_t f0, int64_t cnt
     const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
     const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
     const int64_t k0 = g * jb.N + c0;
-    kOv[kind + 3][cnt](jb.x + b * jb.bs + f0, 1, off, jb.kept * jb.taps,
-                       jb.w + g * jb.kept * jb.taps * jb.N + c0, jb.N,
-                       jb.bias ? jb.bias + k0 : nullptr, outp, width);
+    kOv[kind + 3][cnt](xt, 1, off, jb.kept * jb.taps, jb.w + g * jb.kept * jb.taps * jb.N + c0,
+                       jb.N, jb.bias ? jb.bias + k0 : nullptr, outp, width);
     for (int64_t p = 0; p < cnt; ++p) {
       const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
       if (ow >= jb.Wo) continue;
@@ -789,27 +915,27 @@ static void pv_store_plan(const Job& jb, int64_t f0, int64_t cnt, bool in_place,
   }
 }
 
-static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, float* tbuf,
-                    const int64_t* off) {
+// Group g over the flat pixel range [fa, fb) of image b, whose activation at flat position f is
+// at xb + (f - fshift) (+ off[q]).
+static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, int64_t fa,
+                    int64_t fb, int64_t g, float* buf, float* tbuf, const int64_t* off,
+                    Prefetch& pf) {
   const int64_t NC = pv_nc(), V = pv_vmax(NC), TP = jb.tile;
-  const int64_t t_lo = mt * jb.mt_tiles;
-  const int64_t t_hi = std::min(jb.B * jb.ntile_img, t_lo + jb.mt_tiles);
   const int64_t HoWo = jb.Ho * jb.Wo;
   const bool in_place = !jb.y_cl;  // NCHW output written directly, NHWC through buf
   const float* wg = jb.w + g * jb.kept * jb.taps * jb.N;
   PvStore st;
   // tile, then blocks of kept channels (whose rows of the tile stay in L1), then output chunks
-  for (int64_t tl = t_lo; tl < t_hi; ++tl) {
-    const int64_t b = tl / jb.ntile_img, f0 = (tl % jb.ntile_img) * TP;
-    int64_t cnt = std::min(TP, jb.L - f0);
+  for (int64_t f0 = fa; f0 < fb; f0 += TP) {
+    int64_t cnt = std::min(TP, fb - f0);
     const int64_t last = (cnt - 1) % W + 1;  // pixels in the last pixel vector
     const int64_t tail = last <= jb.tail_max ? last : 0;
     cnt -= tail;
-    if (jb.pf_lines > 0) prefetch_next(jb, tl + jb.mt_tiles, g);
-    if (tail) ov_tail(jb, g, b, f0 + cnt, tail, off, tbuf);
+    pf.tick();
+    const float* xt = xb + (f0 - fshift);
+    if (tail) ov_tail(jb, g, b, xt + cnt, f0 + cnt, tail, off, tbuf);
     if (cnt == 0) continue;
     const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
-    const float* xb = jb.x + b * jb.bs + f0;
     pv_store_plan(jb, f0, cnt, in_place, st);
     for (int64_t j0 = 0; j0 < std::max<int64_t>(jb.kept, 1); j0 += jb.jblock) {
       const int64_t q0 = j0 * jb.taps;
@@ -818,9 +944,9 @@ static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, float* tbu
         const int64_t nc = std::min(NC, jb.N - c0), k0 = g * jb.N + c0;
         float* out = in_place ? jb.y + (b * jb.K + k0) * HoWo : buf + c0 * TP;
         const int64_t ldo = in_place ? HoWo : TP;
-        kPv[nc][std::min<int64_t>(vused, V)](xb, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
+        kPv[nc][std::min<int64_t>(vused, V)](xt, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
                                              jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0,
-                                             st);
+                                             st, c0 == 0 ? jb.pfd : 0);
       }
     }
     if (!in_place)
@@ -829,14 +955,13 @@ static void pv_item(const Job& jb, int64_t mt, int64_t g, float* buf, float* tbu
   }
 }
 
-static void ov_item(const Job& jb, int64_t mt, int64_t g, const int64_t* off) {
-  const int64_t t_lo = mt * jb.mt_tiles;
-  const int64_t t_hi = std::min(jb.B * jb.ntile_img, t_lo + jb.mt_tiles);
+static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
+  const UnitRange r = unit_range(jb, u);
+  const int64_t b = r.b;
   const int64_t HoWo = jb.Ho * jb.Wo;
   const int64_t unit = jb.ld == 1 ? 3 : 0;
   float* outp[16];
-  for (int64_t tl = t_lo; tl < t_hi; ++tl) {
-    const int64_t b = tl / jb.ntile_img, i = tl % jb.ntile_img;
+  for (int64_t i = r.fa; i < r.fb; ++i) {
     const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
     const int64_t P = f1 - f0;
     const float* xb = jb.x + b * jb.bs + f0 * jb.ld;
@@ -858,29 +983,64 @@ static void ov_item(const Job& jb, int64_t mt, int64_t g, const int64_t* off) {
   }
 }
 
-// Claim chunks of (macro tile x group) items until none are left.
+// Claim chunks of (unit x group block) items until none are left. The next chunk is claimed
+// before the current one runs, so the next unit's rows can be prefetched while this one computes.
 void run(const Job& jb) {
-  const int64_t total = jb.n_mt * jb.G;
-  std::vector<float> buf(jb.kind == Kind::PV ? jb.N * jb.tile + W : 0);
-  std::vector<float> tbuf(jb.kind == Kind::PV ? 16 * 2 * W : 0);
-  std::vector<int64_t> off(jb.kept * jb.taps + 1);
-  int64_t g_filled = -1;
-  for (;;) {
+  const int64_t total = jb.n_units * jb.n_gb;
+  // per-thread scratch, kept across calls (OpenMP threads persist): no page faults per call
+  static thread_local std::vector<float> buf, tbuf, loc;
+  static thread_local std::vector<int64_t> off;
+  if (jb.kind == Kind::PV && (int64_t)buf.size() < jb.N * jb.tile + W)
+    buf.resize(jb.N * jb.tile + W);
+  if ((int64_t)tbuf.size() < 16 * 2 * W) tbuf.resize(16 * 2 * W);
+  if (jb.rb && (int64_t)loc.size() < jb.loc_floats) loc.resize(jb.loc_floats);
+  if ((int64_t)off.size() < jb.kept * jb.taps + kOffPad) off.resize(jb.kept * jb.taps + kOffPad);
+  int64_t g_filled = -1, packed = -1;
+  auto claim = [&]() -> int64_t {
     const int64_t lo = jb.next->fetch_add(1, std::memory_order_relaxed) * jb.chunk;
-    if (lo >= total) break;
+    return lo < total ? lo : -1;
+  };
+  auto unit_of = [&](int64_t it) { return jb.g_outer ? it % jb.n_units : it / jb.n_gb; };
+  auto gb_of = [&](int64_t it) { return jb.g_outer ? it / jb.n_units : it % jb.n_gb; };
+  for (int64_t lo = claim(); lo >= 0;) {
     const int64_t hi = std::min(total, lo + jb.chunk);
+    // claim the next chunk up front only when its unit is to be prefetched: a claimed chunk is
+    // work the other threads cannot take over if this thread is descheduled
+    const int64_t nlo = jb.pf ? claim() : -1;
     for (int64_t it = lo; it < hi; ++it) {
-      const int64_t mt = jb.g_outer ? it % jb.n_mt : it / jb.G;
-      const int64_t g = jb.g_outer ? it / jb.n_mt : it % jb.G;
-      if (g != g_filled) {
-        fill_offsets(jb, g, off.data());
-        g_filled = g;
+      const int64_t u = unit_of(it), gb = gb_of(it);
+      const int64_t g_lo = jb.G * gb / jb.n_gb, g_hi = jb.G * (gb + 1) / jb.n_gb;
+      if (jb.kind == Kind::OV) {
+        for (int64_t g = g_lo; g < g_hi; ++g) {
+          if (g != g_filled) fill_offsets(jb, g, off.data());
+          g_filled = g;
+          ov_unit(jb, u, g, off.data());
+        }
+        continue;
       }
-      if (jb.kind == Kind::PV)
-        pv_item(jb, mt, g, buf.data(), tbuf.data(), off.data());
-      else
-        ov_item(jb, mt, g, off.data());
+      const UnitRange r = unit_range(jb, u);
+      Prefetch pf;
+      const int64_t nit = it + 1 < hi ? it + 1 : nlo;
+      if (jb.pf && nit >= 0 && unit_of(nit) != u)
+        pf.init(jb, unit_of(nit), (g_hi - g_lo) * ((r.fb - r.fa + jb.tile - 1) / jb.tile));
+      const float* xb = jb.x + r.b * jb.bs;
+      int64_t fshift = 0;
+      if (jb.rb) {
+        const Pack& pk = *jb.pk;
+        if (packed != u)
+          pack_rows_nchw(pk, r.b, 0, jb.C, r.row0, std::min(pk.Hq, r.row0 + jb.loc_rows),
+                         loc.data(), jb.loc_plane, jb.cs);
+        packed = u;
+        xb = loc.data();
+        fshift = r.row0 * jb.Wq;
+      }
+      for (int64_t g = g_lo; g < g_hi; ++g) {
+        if (g != g_filled) fill_offsets(jb, g, off.data());
+        g_filled = g;
+        pv_unit(jb, xb, fshift, r.b, r.fa, r.fb, g, buf.data(), tbuf.data(), off.data(), pf);
+      }
     }
+    lo = jb.pf ? nlo : claim();
   }
 }
 
