@@ -26,7 +26,11 @@ def main():
     ap.add_argument("--pattern", default="1x16")
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--no-speed-check", action="store_true")
+    ap.add_argument("--pin-malloc", action="store_true",
+                    help="fix glibc malloc thresholds first (cost.pin_malloc: no page faults)")
     args = ap.parse_args()
+    if args.pin_malloc:
+        print("# malloc pinned:", C.pin_malloc())
     torch.manual_seed(0)
     model = resnet50().eval()
     print(f"# {args.pattern} at {args.sparsity:.0%} end to end, ResNet-50 @224 — "
