@@ -59,6 +59,7 @@ __all__ = [
     "graphprune_backend",
     "backend",
     "reports",
+    "clear_reports",
     "last_report",
     "Lifted",
     "lift_parameters",
@@ -76,6 +77,11 @@ _REPORTS: collections.deque = collections.deque(maxlen=32)
 def reports() -> list[dict]:
     """Reports of the most recent graphs the backend compiled (oldest first, at most 32)."""
     return list(_REPORTS)
+
+
+def clear_reports() -> None:
+    """Forget the kept reports (e.g. before compiling the model whose reports you want)."""
+    _REPORTS.clear()
 
 
 def last_report() -> dict | None:
@@ -827,3 +833,4 @@ register()
 # through it, `gp.backend.last_report()` / `gp.backend.reports()`.
 backend.reports = reports  # type: ignore[attr-defined]
 backend.last_report = last_report  # type: ignore[attr-defined]
+backend.clear_reports = clear_reports  # type: ignore[attr-defined]
