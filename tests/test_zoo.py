@@ -9,7 +9,6 @@ and exports with ``torch.export.export(strict=False)``.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import warnings
 
@@ -25,7 +24,6 @@ except ImportError:  # pragma: no cover - graphprune.hf_zoo itself guards the tr
     hf_zoo = None
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-SLOW = bool(os.environ.get("GRAPHPRUNE_SLOW"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -117,7 +115,6 @@ def test_zoo_model_fx_traceable(name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SLOW, reason="set GRAPHPRUNE_SLOW=1 (exports all zoo models, ~30 s)")
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_zoo_model_exports(name):
     model, inputs = zoo.ZOO[name]()
@@ -216,7 +213,6 @@ def test_full_size_forward_shapes_on_meta(name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SLOW, reason="set GRAPHPRUNE_SLOW=1 (builds and runs the 224x224 models)")
 @pytest.mark.parametrize("name", sorted(zoo.FULL))
 def test_full_size_factories_run(name):
     model, inputs = zoo.FULL[name]()
