@@ -85,27 +85,6 @@ class Row:
         return min(self.dense_nchw_ms, self.dense_cl_ms)
 
 
-def time_rounds_warm(fns, warmup: int = 3, repeats: int = 15) -> list[list[float]]:
-    """Like ``onexn.time_rounds``, but every timed call comes right after an untimed call of the
-    same function, so each one finds its own input (and weights) as warm in the caches as a
-    layer does after the previous layer wrote its input; plain rounds instead favour whichever
-    function happens to follow another one that read the same input."""
-    import time
-
-    times: list[list[float]] = [[] for _ in fns]
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns:
-                fn()
-        for _ in range(repeats):
-            for fn, ts in zip(fns, times):
-                fn()
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def bench_layer(
     layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int, warm: bool = False
 ) -> list[Row]:
@@ -122,7 +101,7 @@ def bench_layer(
     mods = [onexn.Conv2d1xN.from_dense(conv, mask_1xn(w, n, sp), n) for n, sp in cases]
     fns = [lambda: F.conv2d(x, w, b, *args), lambda: F.conv2d(xc, wc, b, *args)]
     fns += [lambda m=m: m(x) for m in mods]
-    rounds = (time_rounds_warm if warm else onexn.time_rounds)(fns, repeats=repeats)
+    rounds = onexn.time_rounds(fns, repeats=repeats, warm=warm)
     t_nchw, t_cl = statistics.median(rounds[0]), statistics.median(rounds[1])
     dense = rounds[0] if t_nchw <= t_cl else rounds[1]
     rows = []

@@ -451,20 +451,12 @@ def bench(models: list, inputs: tuple, warmup: int = 5, repeats: int = 30,
     of every model in turn (so load changes hit all alike); median and IQR in ms."""
     import statistics
 
-    import torch
-
     from .cost import num_threads
+    from .kernels.onexn import time_rounds
 
-    samples: list[list[float]] = [[] for _ in models]
-    with num_threads(threads), torch.inference_mode():
-        for m in models:
-            for _ in range(max(1, warmup)):
-                m(*inputs)
-        for _ in range(max(1, repeats)):
-            for i, m in enumerate(models):
-                t = time.perf_counter()
-                m(*inputs)
-                samples[i].append((time.perf_counter() - t) * 1e3)
+    with num_threads(threads):
+        samples = time_rounds([lambda m=m: m(*inputs) for m in models], max(1, warmup),
+                              max(1, repeats))
     out = []
     for s in samples:
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0], s[0], s[0]]

@@ -1173,17 +1173,7 @@ class LatencyTable:
         """Latency (ms) of an op of ``kind`` (see :data:`OVERHEAD_KINDS`) touching ``nbytes``
         bytes of input: piecewise linear in bytes between measured sizes, extrapolated linearly
         above them."""
-        curve = self.overheads.get(kind)
-        if curve is None:
-            raise KeyError(f"no op overhead {kind!r}; measured: {sorted(self.overheads)}")
-        xs, ys = curve["bytes"], curve["ms"]
-        if len(xs) == 1 or nbytes <= xs[-1]:
-            return float(np.interp(nbytes, xs, ys))
-        # least-squares slope over the largest measured sizes, never negative: a noisy last
-        # point must not make a bigger op predicted cheaper (or negative)
-        k = min(len(xs), 3)
-        slope = max(float(np.polyfit(xs[-k:], ys[-k:], 1)[0]), 0.0)
-        return float(ys[-1] + slope * (nbytes - xs[-1]))
+        return float(self.overhead_many(kind, nbytes))
 
     def overhead_many(self, kind: str, nbytes: Any) -> np.ndarray:
         """:meth:`overhead` at an array of byte counts (vectorised)."""
@@ -1194,6 +1184,8 @@ class LatencyTable:
         xs, ys = curve["bytes"], curve["ms"]
         out = np.interp(nb, xs, ys)
         if len(xs) > 1 and (nb > xs[-1]).any():
+            # least-squares slope over the largest measured sizes, never negative: a noisy last
+            # point must not make a bigger op predicted cheaper (or negative)
             k = min(len(xs), 3)
             slope = max(float(np.polyfit(xs[-k:], ys[-k:], 1)[0]), 0.0)
             out = np.where(nb > xs[-1], ys[-1] + slope * (nb - xs[-1]), out)

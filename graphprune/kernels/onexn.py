@@ -583,12 +583,15 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> flo
 
 
 def time_rounds(
-    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 15
+    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 15, warm: bool = False
 ) -> list[list[float]]:
     """Wall times (ms) of each function over ``repeats`` rounds; every round runs each once.
 
     Alternating the functions makes them all see the same machine load, so per-round ratios
-    stay meaningful on a shared machine.
+    stay meaningful on a shared machine. ``warm``: every timed call comes right after an
+    untimed call of the same function, so each finds its own input (and weights) as warm in
+    the caches as a layer does after the previous layer wrote its input; plain rounds instead
+    favour whichever function follows another one that read the same input.
     """
     times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
@@ -597,6 +600,8 @@ def time_rounds(
                 fn()
         for _ in range(repeats):
             for fn, ts in zip(fns, times):
+                if warm:
+                    fn()
                 t0 = time.perf_counter()
                 fn()
                 ts.append((time.perf_counter() - t0) * 1e3)
