@@ -14,7 +14,7 @@ Four experiments, each over several seeds (mean +- std), single-threaded:
     python benchmarks/training_digits.py --seeds 5        # writes benchmarks/training_digits.json
     python benchmarks/training_digits.py --plot-only      # plots from the JSON
 
-Plots: benchmarks/training_{hybrid,smcp,subp,asp}.png.
+Plots: training_{hybrid,smcp,subp,asp}.png beside the JSON (benchmarks/ by default).
 """
 
 from __future__ import annotations
@@ -385,10 +385,7 @@ def run(seeds: list[int], only=EXPERIMENTS, base: dict | None = None) -> dict:
             row["subp"] = exp_subp(rn, seed)
         if "asp" in only:
             row["asp"] = {"alexnet": exp_asp(alex, seed), "resnet": exp_asp(rn, seed)}
-        row.setdefault("seconds", {})
-        if not isinstance(row["seconds"], dict):
-            row["seconds"] = {"all": row["seconds"]}
-        row["seconds"]["+".join(only)] = time.perf_counter() - t0
+        row.setdefault("seconds", {})["+".join(only)] = time.perf_counter() - t0
         res["runs"].append(row)
         print(f"seed {seed}: {time.perf_counter() - t0:.0f}s", json.dumps(row)[:400], flush=True)
     return res
@@ -408,11 +405,13 @@ def main() -> None:
         CFG.update(dense=4, ft=1, smcp_ft=2, subp_ft=2, asp_ft=1)
     if not args.plot_only:
         partial = set(args.only) != set(EXPERIMENTS)
+        if partial and not Path(args.out).exists():
+            ap.error(f"--only re-runs experiments into an earlier result; {args.out} is missing")
         base = json.loads(Path(args.out).read_text()) if partial else None
         res = run(list(range(1 if args.quick else args.seeds)), tuple(args.only), base)
         Path(args.out).write_text(json.dumps(res, indent=1))
     res = json.loads(Path(args.out).read_text())
-    plot_all(res, HERE)
+    plot_all(res, Path(args.out).parent)  # beside the JSON (benchmarks/ by default)
     print(summary(res))
 
 
