@@ -3,6 +3,7 @@ budget, solved globally by `solver` over exact per-layer costs of (kept in, kept
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,8 +209,7 @@ def layer_cost_fn(target, table=None):
     raise PlanError(f"unsupported target {target!r}")
 
 
-_MATMUL = {torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default,
-           __import__("operator").matmul}
+_MATMUL = {torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default, operator.matmul}
 _SDPA = {torch.nn.functional.scaled_dot_product_attention,
          aten.scaled_dot_product_attention.default}
 
@@ -293,15 +293,10 @@ def overhead_terms(a: Analysis, table: C.LatencyTable,
         if not ins:
             continue
         sizes = [_nbytes(x.meta["val"]) for x in ins]
-        if kind in ("add", "add_", "mul") and len(sizes) >= 2 and min(sizes) < max(sizes):
-            kind = "mul_bcast"
+        kind, nbytes = C.overhead_bytes(kind, node, sizes)
         if kind not in table.overheads:
             continue
-        if node.target is torch.cat:
-            ref, nbytes = node, sum(sizes)
-        else:
-            ref = ins[int(np.argmax(sizes))]
-            nbytes = max(sizes)
+        ref = node if node.target is torch.cat else ins[int(np.argmax(sizes))]
         val = ref.meta.get("val")
         if not isinstance(val, torch.Tensor):
             continue

@@ -1714,15 +1714,18 @@ def _input_bytes(node: Any) -> list[int]:
     return out
 
 
-def _overhead_item(node: Any, kind: str, inplace: bool = False) -> CostItem:
-    """An overhead item keyed by the bytes the op reads (``cat``: all inputs; otherwise the
-    largest input). In-place ReLUs and broadcasting binary ops get their own kinds."""
-    sizes = _input_bytes(node)
+def overhead_bytes(kind: str, node: Any, sizes: Sequence[int]) -> tuple[str, int]:
+    """(kind, bytes) an overhead op is costed at, from the bytes of its tensor inputs: ``cat``
+    reads all inputs, other ops their largest; binary ops that broadcast become
+    ``"mul_bcast"``. Shared by :func:`model_cost_items` and the allocation's overhead terms."""
     nbytes = sum(sizes) if node.target is torch.cat else max(sizes, default=0)
-    if kind == "relu" and inplace:
-        kind = "relu_"
     if kind in ("add", "add_", "mul") and len(sizes) >= 2 and min(sizes) < max(sizes):
         kind = "mul_bcast"
+    return kind, nbytes
+
+
+def _overhead_item(node: Any, kind: str) -> CostItem:
+    kind, nbytes = overhead_bytes(kind, node, _input_bytes(node))
     return CostItem(node.name, kind, nbytes=nbytes)
 
 
@@ -1746,19 +1749,13 @@ def node_kind(gm: Any, node: Any) -> str | None:
 
 
 def _node_item(gm: Any, node: Any) -> CostItem | None:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-            shape = node.args[0].meta["tensor_meta"].shape
-            return CostItem(node.name, "layer", *sig_from_module(mod, shape))
-        kind = next((k for cls, k in _MODULE_KINDS if isinstance(mod, cls)), "unknown")
-        return _overhead_item(node, kind, getattr(mod, "inplace", False))
-    if node.op == "call_function":
-        kind = _FUNCTION_KINDS.get(node.target, "unknown")
-        return _overhead_item(node, kind, bool(node.kwargs.get("inplace")))
-    if node.op == "call_method":
-        return _overhead_item(node, _METHOD_KINDS.get(node.target, "unknown"))
-    return None
+    kind = node_kind(gm, node)
+    if kind is None:
+        return None
+    if kind == "layer":
+        shape = node.args[0].meta["tensor_meta"].shape
+        return CostItem(node.name, "layer", *sig_from_module(gm.get_submodule(node.target), shape))
+    return _overhead_item(node, kind)
 
 
 def model_cost_items(model: nn.Module, example_inputs: Any) -> list[CostItem]:
