@@ -55,6 +55,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphprune.passes._common import get_tensor
+
 __all__ = [
     "graphprune_backend",
     "backend",
@@ -160,7 +162,7 @@ def lift_parameters(gm: fx.GraphModule, example_inputs) -> Lifted:
     root: dict[str, Any] = {}
     for n in g.nodes:
         if n.op == "get_attr":
-            root[n.target] = _fetch(gm, n.target)
+            root[n.target] = get_tensor(gm, n.target)
         elif n.op == "call_module":
             root[n.target] = gm.get_submodule(n.target)
     first = next((n for n in g.nodes if n.op != "placeholder"), None)
@@ -179,13 +181,6 @@ def lift_parameters(gm: fx.GraphModule, example_inputs) -> Lifted:
     keep = [i for i in range(len(phs)) if i not in set(lift)]
     out = fx.GraphModule(root, g, "GraphpruneGraph")
     return Lifted(out, [ex[i] for i in keep], keep, params)
-
-
-def _fetch(mod: nn.Module, target: str):
-    obj = mod
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def analysis_of(lifted: Lifted, name: str = "dynamo graph"):
@@ -288,7 +283,7 @@ def _consumer_weights(a):
             if "transpose" in str(node.target) or getattr(node.target, "__name__", "").startswith(
                     "conv_transpose") or not (isinstance(wn, fx.Node) and wn.op == "get_attr"):
                 continue
-            w = _fetch(gm, wn.target)
+            w = get_tensor(gm, wn.target)
         info = a.params.get(id(w)) if isinstance(w, torch.Tensor) else None
         if info is not None and w.ndim >= 2:
             yield node, w, info
@@ -471,8 +466,8 @@ def _const_layers(gm: fx.GraphModule, grouped: bool = False):
             continue
         if bn is not None and not (isinstance(bn, fx.Node) and bn.op == "get_attr"):
             continue
-        w = _fetch(gm, wn.target)
-        b = _fetch(gm, bn.target) if bn is not None else None
+        w = get_tensor(gm, wn.target)
+        b = get_tensor(gm, bn.target) if bn is not None else None
         if node.target in convs:
             groups = _arg(node, 6, "groups", 1)
             if w.ndim == 4 and isinstance(groups, int) and (groups == 1 or grouped):
@@ -565,7 +560,7 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
     for s in layers:
         entry = next(e for e in rep["sparse"] if e["node"] == s.node)
         if s.pattern == "2:4":
-            w = _fetch(gm, next(n for n in gm.graph.nodes if n.name == s.node).args[1].target)
+            w = get_tensor(gm, next(n for n in gm.graph.nodes if n.name == s.node).args[1].target)
             probe = nn.Linear(1, 1)
             probe.weight = nn.Parameter(w.detach(), requires_grad=False)
             if not semi_structured_ok(probe):
@@ -641,7 +636,7 @@ def unlift(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
     for node in list(g.nodes):
         if node.op != "get_attr":
             continue
-        t = _fetch(gm, node.target)
+        t = get_tensor(gm, node.target)
         if not isinstance(t, torch.Tensor):
             continue
         if node.target not in seen:
@@ -653,7 +648,7 @@ def unlift(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[torch.Tensor]]:
         node.replace_all_uses_with(seen[node.target])
         g.erase_node(node)
     root = {n.target: gm.get_submodule(n.target) for n in g.nodes if n.op == "call_module"}
-    root.update({n.target: _fetch(gm, n.target) for n in g.nodes if n.op == "get_attr"})
+    root.update({n.target: get_tensor(gm, n.target) for n in g.nodes if n.op == "get_attr"})
     out = fx.GraphModule(root, g, "GraphpruneGraph")
     return out, consts
 
