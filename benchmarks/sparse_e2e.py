@@ -1,16 +1,23 @@
 """Issue 4 end-to-end: a ResNet-50-shaped model with every eligible conv as 1x16 at 75% sparsity,
-dense vs sparse measured side by side (same process, same threads).
+dense vs sparse measured side by side (same process, same threads, alternating rounds).
 
-    python benchmarks/sparse_e2e.py [--batch 1] [--threads 1 2] [--no-speed-check]
+Columns: the dense model as the user has it; the dense model with BatchNorm folded into the convs
+(`torch.fx.experimental.optimization.fuse`, the fair dense baseline for an inference rewrite);
+the sparse model with the 1xN kernels only (`fuse=False`); and `gp.sparsify`'s default, where the
+`fuse_epilogue` pass also folds BatchNorm and fuses residual add + ReLU into the kernels' stores.
+
+    python benchmarks/sparse_e2e.py [--batch 1 8] [--threads 1 2] [--pin-malloc] [--no-speed-check]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import warnings
 
 import torch
+from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import graphprune as gp
 from graphprune import cost as C
@@ -25,6 +32,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--pattern", default="1x16")
     ap.add_argument("--sparsity", type=float, default=0.75)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-speed-check", action="store_true")
     ap.add_argument("--pin-malloc", action="store_true",
                     help="fix glibc malloc thresholds first (cost.pin_malloc: no page faults)")
@@ -33,23 +41,30 @@ def main():
         print("# malloc pinned:", C.pin_malloc())
     torch.manual_seed(0)
     model = resnet50().eval()
+    folded = fx_fuse(model)
     print(f"# {args.pattern} at {args.sparsity:.0%} end to end, ResNet-50 @224 — "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"kernel: {'C++ ' + onexn.isa() if onexn.available() else 'reference (no C++)'}")
-    print("| batch | threads | layers sparse / dense | dense ms | sparse ms | speedup |")
-    print("|---|---|---|---|---|---|")
+          f"kernel: {'C++ ' + onexn.isa() if onexn.available() else 'reference (no C++)'}; "
+          f"median of {args.rounds} alternating rounds")
+    print("| batch | threads | layers sparse / dense | dense ms | dense BN-folded ms | "
+          "sparse ms (kernels only) | sparse ms (+ fused epilogue) | speedup vs dense | "
+          "vs BN-folded dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in args.batch:
         x = torch.randn(b, 3, 224, 224)
         for t in args.threads:
             torch.set_num_threads(t)
-            s = gp.sparsify(model, (x,), pattern=args.pattern, sparsity=args.sparsity,
-                            check_speed=not args.no_speed_check, threads=t, verify=(b == 1))
-            rep = s.graphprune_report
+            kw = dict(pattern=args.pattern, sparsity=args.sparsity, threads=t,
+                      check_speed=not args.no_speed_check, verify=(b == 1))
+            plain = gp.sparsify(model, (x,), fuse=False, **kw)
+            fused = gp.sparsify(model, (x,), **kw)
+            rep = fused.graphprune_report
             n_dense = sum(1 for r in rep["layers"] if r["pattern"] == "dense")
-            d, _ = C.measure_latency(model, (x,), warmup=3, repeats=10, threads=t)
-            sp, _ = C.measure_latency(s, (x,), warmup=3, repeats=10, threads=t)
-            print(f"| {b} | {t} | {rep['sparsified']} / {n_dense} | {d:.1f} | {sp:.1f} | "
-                  f"{d / sp:.2f}x |")
+            times = onexn.time_rounds([lambda m=m, x=x: m(x) for m in (model, folded, plain, fused)],
+                                      warmup=3, repeats=args.rounds)
+            d, f, p, s = (statistics.median(ts) for ts in times)
+            print(f"| {b} | {t} | {rep['sparsified']} / {n_dense} | {d:.1f} | {f:.1f} | "
+                  f"{p:.1f} | {s:.1f} | **{d / s:.2f}x** | **{f / s:.2f}x** |")
 
 
 if __name__ == "__main__":

@@ -54,13 +54,15 @@ def plan_table(plan, a=None) -> str:
 def sparsity_table(rep) -> str:
     """Per layer: pattern applied (and how it is held) or why the layer stayed dense."""
     t = Table(title=f"sparsity ({rep['pattern']}, {rep['sparsity']:.0%} of the weights removed)")
-    for c in ("layer", "weight", "pattern", "kept", "held as / why dense"):
+    for c in ("layer", "weight", "pattern", "kept", "held as / why dense", "fused"):
         t.add_column(c, overflow="fold")
     for r in rep["layers"]:
         t.add_row(r["layer"], "x".join(map(str, r["shape"])), r["pattern"], f"{r['kept']:.2f}",
-                  r.get("held_as") or r["why"])
+                  r.get("held_as") or r["why"], r.get("fused", ""))
     tail = (f"{rep['sparsified']} of {len(rep['layers'])} layers sparsified, kept magnitude "
             f"{rep['kept_magnitude']:.2f}")
+    if rep.get("fused"):
+        tail += f"; {rep['fused']} layers absorbed BatchNorm / residual add / ReLU"
     if rep.get("permutation"):
         tail += f"; {rep['permutation']}"
     return render(t) + tail + "\n" + (f"check: {rep['verify']}\n" if rep.get("verify") else "")

@@ -2,9 +2,10 @@
 
 Decides per conv/linear layer whether the pattern fits (C_out % N, C_in % 4, depthwise/grouped
 convs stay dense, and for 1xN optionally whether the sparse kernel is measured faster than dense
-on this machine), builds the masks, hands the decisions to the `sparse_ops` pass, and verifies the
-result against the masked dense model. The report says per layer what was applied or skipped, why,
-and the kept fraction.
+on this machine), builds the masks, hands the decisions to the `sparse_ops` pass, lets the
+`fuse_epilogue` pass fold eval-mode BatchNorm into the convs and fuse residual adds and ReLUs into
+the 1xN kernels' stores, and verifies the result against the masked dense model. The report says
+per layer what was applied or skipped, why, the kept fraction and what was fused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from .errors import GraphpruneError
 from .kernels.masks import mask_1xn, mask_24
+from .passes.fuse_epilogue import fuse_epilogue
 from .passes.sparse_ops import LayerSparsity, mask_dense, sparse_ops
 from .trace import trace
 from .verify import verify_against
@@ -36,9 +38,13 @@ def parse_pattern(pattern: str) -> tuple[str, int]:
 
 
 def _layers(gm: fx.GraphModule):
+    """(first call node, module) of every conv/linear module; a module called more than once
+    (shared weights) is decided once and replaced for all its calls."""
+    seen = set()
     for node in gm.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or node.target in seen:
             continue
+        seen.add(node.target)
         mod = gm.get_submodule(node.target)
         if type(mod) in (nn.Conv2d, nn.Linear):
             yield node, mod
@@ -69,13 +75,16 @@ def sparsify(
     skip: tuple[str, ...] = (),
     leaf_modules=(),
     permute: bool = True,
+    fuse: bool = True,
 ) -> fx.GraphModule:
     """Sparsify every eligible conv/linear layer; returns a GraphModule with `.graphprune_report`.
 
     pattern "1xN": uniform 1xN blocks at `sparsity` (fraction of input channels removed per group
     of N outputs); layers where the kernel is measured slower than dense stay dense when
     `check_speed`. pattern "2:4": 2 of every 4 weights along the reduction axis (sparsity fixed at
-    0.5). `skip`: module names left dense. The user's model is not modified.
+    0.5). `skip`: module names left dense. `fuse`: fold eval-mode BatchNorm into the conv before
+    it and fuse residual add + ReLU into the 1xN kernels (numerics: float rounding only, checked
+    by the verification). The user's model is not modified.
     """
     kind, n = parse_pattern(pattern)
     if kind == "1xN" and not 0.0 < sparsity < 1.0:
@@ -100,21 +109,34 @@ def sparsify(
         plan.append(LayerSparsity(node.name, kind, n, mask))
         report.append({**entry, "pattern": pattern, "why": "", "kept": float(mask.float().mean())})
     out, how = sparse_ops(gm, plan)
+    checks = []
+    if verify and plan:
+        checks.append(verify_against(out, mask_dense(gm, plan), tr.args, tr.kwargs, rtol32=1e-4,
+                                     rtol64=1e-9, what="sparsified model"))
+    fused = {}
+    if fuse:
+        unfused = out
+        out, fused = fuse_epilogue(unfused)
+        if verify and fused:
+            # its own oracle: the model before fusion. Folded BatchNorm weights are float32
+            # products, ~1e-7 off each; through a deep net that is ~1e-6 (a wrong fold: ~1)
+            checks.append(verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,
+                                         rtol64=1e-4, what="BN-folded / epilogue-fused model"))
     for r in report:
         if r["node"] in how:
             r["held_as"] = how[r["node"]]
+        if r["node"] in fused:
+            r["fused"] = fused[r["node"]]
     kept = sum(float((gm.get_submodule(_tgt(gm, d.node)).weight.detach().abs() * d.mask).sum())
                for d in plan)
     total = sum(float(gm.get_submodule(_tgt(gm, d.node)).weight.detach().abs().sum())
                 for d in plan)
     rep = {"pattern": pattern, "sparsity": sparsity if kind == "1xN" else 0.5, "layers": report,
            "sparsified": len(plan), "seconds": round(time.perf_counter() - t0, 3),
-           "kept_magnitude": kept / total if total else 1.0, "permutation": perm_note}
-    if verify and plan:
-        ref = mask_dense(gm, plan)
-        v = verify_against(out, ref, tr.args, tr.kwargs, rtol32=1e-4, rtol64=1e-9,
-                           what="sparsified model")
-        rep["verify"] = str(v)
+           "kept_magnitude": kept / total if total else 1.0, "permutation": perm_note,
+           "fused": len(fused)}
+    if checks:
+        rep["verify"] = "; ".join(str(v) for v in checks)
     from .report import SparsityReport
 
     out.graphprune_report = SparsityReport(rep)

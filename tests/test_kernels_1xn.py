@@ -40,6 +40,12 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
+def _epi_ref(ref: torch.Tensor, res: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """The fused epilogue on the dense reference: relu(ref + res)."""
+    out = ref if res is None else ref + res.to(ref.dtype)
+    return out.clamp_min(0) if relu else out
+
+
 def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
     torch.manual_seed(seed)
     conv = nn.Conv2d(c, k, bias=bias, **kw)
@@ -62,13 +68,15 @@ def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
     sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.75, 0.9]),
     bias=st.booleans(),
     channels_last=st.booleans(),
+    epilogue=st.sampled_from(["", "relu", "res", "res+relu", "res_cl+relu"]),
     seed=st.integers(0, 10_000),
 )
 def test_conv_matches_dense_masked(
     path, batch, c, n, groups, hw, ks, stride, padding, dilation, sparsity, bias,
-    channels_last, seed,
+    channels_last, epilogue, seed,
 ):  # fmt: skip
-    """conv2d_1xn == F.conv2d with the masked dense weight (rel. err < 1e-5), same layout."""
+    """conv2d_1xn == F.conv2d with the masked dense weight (rel. err < 1e-5), same layout; with
+    the fused epilogue == relu(conv + residual) (a residual in the other layout is copied)."""
     out_hw = [(hw[i] + 2 * padding[i] - dilation[i] * (ks[i] - 1) - 1) // stride[i] + 1
               for i in range(2)]  # fmt: skip
     assume(min(out_hw) >= 1)
@@ -79,11 +87,16 @@ def test_conv_matches_dense_masked(
     x = torch.randn(batch, c, *hw)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    res = torch.randn(batch, n * groups, *out_hw) if "res" in epilogue else None
+    if "res_cl" in epilogue:
+        res = res.contiguous(memory_format=torch.channels_last)
+    sp.relu = "relu" in epilogue
     with torch.no_grad():
         # float64 NCHW reference: oneDNN's fp32 channels_last conv crashes on some odd shapes
         w64, b64 = (conv.weight * mask).double(), None if conv.bias is None else conv.bias.double()
-        ref = F.conv2d(x.double().contiguous(), w64, b64, stride, padding, dilation).float()
-        y = _run_path(path, lambda: sp(x))
+        ref = F.conv2d(x.double().contiguous(), w64, b64, stride, padding, dilation)
+        ref = _epi_ref(ref, res, sp.relu).float()
+        y = _run_path(path, lambda: sp(x, res))
     assert y.shape == ref.shape
     assert _rel_err(y, ref) < 1e-5
     if channels_last and not x.is_contiguous():
@@ -101,21 +114,29 @@ def test_conv_matches_dense_masked(
     groups=st.integers(1, 3),
     sparsity=st.sampled_from([0.0, 0.5, 0.75, 0.9]),
     bias=st.booleans(),
+    residual=st.booleans(),
+    relu=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, seed):
-    """linear_1xn == F.linear with the masked dense weight over any leading dims."""
+def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, residual, relu,
+                                     seed):  # fmt: skip
+    """linear_1xn == F.linear with the masked dense weight over any leading dims (and the fused
+    epilogue == relu(linear + residual))."""
     torch.manual_seed(seed)
     lin = nn.Linear(c, n * groups, bias=bias)
     mask = mask_1xn(lin.weight, n, sparsity)
     sp = onexn.Linear1xN.from_dense(lin, mask, n)
+    sp.relu = relu
     x = torch.randn(*lead, c)
+    res = torch.randn(*lead, n * groups) if residual else None
     with torch.no_grad():
-        ref = F.linear(x, lin.weight * mask, lin.bias)
-        y = _run_path(path, lambda: sp(x))
+        ref = _epi_ref(F.linear(x, lin.weight * mask, lin.bias), res, relu)
+        y = _run_path(path, lambda: sp(x, res))
         y_op = _run_path(
-            path, lambda: torch.ops.graphprune.linear_1xn(x, sp.values, sp.indices, sp.bias, n)
-        )
+            path,
+            lambda: torch.ops.graphprune.linear_1xn(x, sp.values, sp.indices, sp.bias, n, res,
+                                                    relu),
+        )  # fmt: skip
     assert y.shape == ref.shape and _rel_err(y, ref) < 1e-5
     assert torch.equal(y, y_op)
 
@@ -188,11 +209,19 @@ def test_conv_tiling_edge_cases(monkeypatch, env, threads, batch, c, k, hw, ks, 
             ref = F.conv2d(x.double(), sp.to_dense().double(), sp.bias.double(), stride, pad, dil)
             y = sp(x)
             y_cl = sp(x.contiguous(memory_format=torch.channels_last))
+            # fused epilogue (residual + ReLU): in every tiling mode it must run exactly once,
+            # after the last block of kept channels
+            res = torch.randn(ref.shape)
+            sp.relu = True
+            y_epi = sp(x, res)
+            y_epi_cl = sp(x.contiguous(memory_format=torch.channels_last), res)
     finally:
         torch.set_num_threads(old)
     assert y.shape == ref.shape and y.is_contiguous()
     assert _rel_err(y, ref.float()) < 1e-5
     assert _rel_err(y_cl, ref.float()) < 1e-5
+    ref_epi = _epi_ref(ref, res, True).float()
+    assert _rel_err(y_epi, ref_epi) < 1e-5 and _rel_err(y_epi_cl, ref_epi) < 1e-5
 
 
 def test_float64_and_no_cpp_env_use_reference(monkeypatch):
@@ -381,3 +410,26 @@ def test_faster_than_dense_smoke():
     assert isinstance(fast, bool) and s_ms > 0 and d_ms > 0
     with pytest.raises(ValueError, match="weight shape"):
         onexn.faster_than_dense((32, 16, 3), (1, 16, 8), 16, 0.5)
+
+
+def test_backward_through_fused_epilogue():
+    """With residual + ReLU fused, gradients of x, values, bias and the residual equal those of
+    relu(conv + residual) / relu(linear + residual) on the dense masked weights."""
+    conv, mask, sp = _sparse_conv(6, 16, 8, 0.5, 4, kernel_size=3, padding=1)
+    sp.relu = True
+    lin = nn.Linear(16, 8)
+    sl = onexn.Linear1xN.from_dense(lin, mask_1xn(lin.weight, 8, 0.5), 8)
+    sl.relu = True
+    x = torch.randn(2, 6, 5, 5, requires_grad=True)
+    r = torch.randn(2, 16, 5, 5, requires_grad=True)
+    r2 = torch.randn(2, 8, requires_grad=True)
+    sl(sp(x, r).mean(dim=(2, 3)), r2).square().sum().backward()
+    xd, rd, r2d = (t.detach().clone().requires_grad_(True) for t in (x, r, r2))
+    wd = sp.to_dense().requires_grad_(True)
+    h = torch.relu(F.conv2d(xd, wd, conv.bias, 1, 1) + rd).mean(dim=(2, 3))
+    torch.relu(F.linear(h, sl.to_dense(), lin.bias) + r2d).square().sum().backward()
+    assert torch.allclose(x.grad, xd.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(r.grad, rd.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(r2.grad, r2d.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(sp.values.grad, onexn.pack_1xn(wd.grad, sp.indices, 8), atol=1e-5)
+    assert r.grad.abs().sum() > 0 and (r.grad == 0).any()  # the ReLU really masked some

@@ -25,6 +25,9 @@
 // L1-sized block of kept channels, then the output chunks of the group. OpenMP threads claim
 // chunks of items from an atomic counter (one chunk ahead with GP_1XN_PF=1, so a thread knows
 // the next unit to prefetch).
+// Epilogue (optional, fused into the stores so the output is written once): y = relu(conv +
+// bias + residual), the residual laid out like y; under pv with NCHW output it runs on the last
+// block of kept channels, elsewhere where the finished sums are written.
 // When a tile's rows of all channels do not fit in L1 (1x1 layers with many input channels),
 // the pv micro-kernel prefetches the rows of the (channel, tap) pair a few iterations ahead into
 // L1; the hardware prefetchers cannot follow hundreds of rows.
@@ -154,6 +157,9 @@ struct Job {
   // output
   float* y = nullptr;
   bool y_cl = false;
+  // epilogue, applied once a pixel's sum is complete: y = act(sum + bias + res)
+  const float* res = nullptr;  // residual laid out like y (same sizes and memory format)
+  bool relu = false;
   int64_t B = 1, Ho = 1, Wo = 1;
   // tiling: work items are (unit, group block); a unit is a run of tiles of one image
   Kind kind = Kind::PV;
@@ -221,6 +227,7 @@ static inline void vstore(float* p, VT v) { _mm512_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm512_mask_storeu_ps(p, m, v); }
 static inline VT vfma(VT a, VT b, VT c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VT vadd(VT a, VT b) { return _mm512_add_ps(a, b); }
+static inline VT vmax(VT a, VT b) { return _mm512_max_ps(a, b); }
 #include __FILE__
 }  // namespace avx512
 }  // namespace gp
@@ -253,6 +260,7 @@ static inline void vstore(float* p, VT v) { _mm256_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm256_maskstore_ps(p, m, v); }
 static inline VT vfma(VT a, VT b, VT c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VT vadd(VT a, VT b) { return _mm256_add_ps(a, b); }
+static inline VT vmax(VT a, VT b) { return _mm256_max_ps(a, b); }
 #include __FILE__
 }  // namespace avx2
 }  // namespace gp
@@ -538,6 +546,22 @@ static void check_weights(const at::Tensor& values, const at::Tensor& indices,
   }
 }
 
+// The epilogue's residual, laid out like y (a copy only when its layout differs); null if none.
+static at::Tensor fill_epilogue(Job& job, const at::Tensor& y, bool y_cl,
+                                const c10::optional<at::Tensor>& residual, bool relu) {
+  job.relu = relu;
+  job.res = nullptr;
+  if (!residual.has_value()) return at::Tensor();
+  TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
+                  residual->sizes() == y.sizes(),
+              "graphprune 1xN: residual must be a float32 CPU tensor of the output's shape ",
+              y.sizes(), ", got ", residual->sizes());
+  at::Tensor r = residual->contiguous(y_cl && y.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous);
+  job.res = r.data_ptr<float>();
+  return r;
+}
+
 static void fill_weights(Job& job, const at::Tensor& values, const at::Tensor& indices,
                          const c10::optional<at::Tensor>& bias, int64_t n) {
   job.w = values.data_ptr<float>();
@@ -554,7 +578,8 @@ static void fill_weights(Job& job, const at::Tensor& values, const at::Tensor& i
 at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
                          const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
                          int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                         int64_t n, int64_t R, int64_t S) {
+                         int64_t n, int64_t R, int64_t S,
+                         const c10::optional<at::Tensor>& residual, bool relu) {
   TORCH_CHECK(g_isa != Isa::NONE, "graphprune 1xN: CPU lacks AVX2/FMA");
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "graphprune 1xN: x must be a 4-D float32 CPU tensor");
@@ -585,6 +610,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
   job.B = g.B; job.Ho = g.Ho; job.Wo = g.Wo;
   job.y = y.data_ptr<float>();
   job.y_cl = x_cl;
+  const at::Tensor res_keep = fill_epilogue(job, y, x_cl, residual, relu);
   // NHWC output: ov stores it directly; pv (full vectors over pixels) pays a transposed store
   // but wins for N < W unless there are too few pixels to fill its vectors
   job.kind = x_cl && (n % vec_width() == 0 || g.B * g.Ho * g.Wo < pv_tile_px()) ? Kind::OV
@@ -607,7 +633,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
 // linear with a uniform 1xN block-sparse weight: x [M, C] float32 -> [M, K].
 at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
                          const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
-                         int64_t n) {
+                         int64_t n, const c10::optional<at::Tensor>& residual, bool relu) {
   TORCH_CHECK(g_isa != Isa::NONE, "graphprune 1xN: CPU lacks AVX2/FMA");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "graphprune 1xN: x must be a 2-D float32 CPU tensor");
@@ -624,6 +650,7 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
   job.B = 1; job.Ho = 1; job.Wo = M;
   job.y = y.data_ptr<float>();
   job.y_cl = true;  // [M, K] is NHWC with H = 1, W = M
+  const at::Tensor res_keep = fill_epilogue(job, y, true, residual, relu);
   job.kind = (n % vec_width() == 0 || M < pv_tile_px()) ? Kind::OV : Kind::PV;
   at::Tensor keep;
   if (job.kind == Kind::OV) {
@@ -671,14 +698,27 @@ struct PvStore {
   MT mask[8][W + 1];
 };
 
+// The epilogue on a finished vector: + the residual at r (lanes in m), then ReLU.
+static inline VT epi(VT v, const float* r, MT m, bool relu) {
+  if (r) v = vadd(v, vloadm(r, m));
+  return relu ? vmax(v, vzero()) : v;
+}
+static inline float epi1(float v, const float* r, bool relu) {
+  if (r) v += *r;
+  return relu && !(v > 0.f) ? 0.f : v;
+}
+
 // pv micro-kernel: out[n][p] = init[n][p] + sum_q w[q][n] * x[off[q] + p] over q = (j, t) pairs,
 // NC outputs x V vectors of W pixels, where init is out itself (acc_in) or the bias; lanes of
-// the last vector past `rem` are not loaded. off[q] = idx[j] * cs + toff[t].
+// the last vector past `rem` are not loaded. off[q] = idx[j] * cs + toff[t]. With `fin` (the
+// last block of kept channels) the epilogue runs before the store: + rout[...] (the residual at
+// the same offsets as out, if not null), then ReLU when `relu`.
 template <int NC, int V>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
                     const float* __restrict bias, float* __restrict out, int64_t ldo,
-                    bool acc_in, const PvStore& st, int64_t pfd) {
+                    bool acc_in, const PvStore& st, int64_t pfd, const float* __restrict rout,
+                    bool relu, bool fin) {
   VT acc[NC][V];
   const MT m = vmask(rem);
   if (acc_in) {
@@ -712,6 +752,18 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
     }
   }
+  if (fin && (rout || relu)) {
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      GP_UNROLL for (int v = 0; v < V; ++v) {
+        for (int k = 0; k < st.count[v]; ++k) {
+          const int64_t o = n * ldo + st.off[v][k];
+          vstorem(out + o, epi(acc[n][v], rout ? rout + o : nullptr, st.mask[v][k], relu),
+                  st.mask[v][k]);
+        }
+      }
+    }
+    return;
+  }
   GP_UNROLL for (int n = 0; n < NC; ++n) {
     GP_UNROLL for (int v = 0; v < V; ++v) {
       for (int k = 0; k < st.count[v]; ++k)
@@ -722,10 +774,13 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
 
 static constexpr int kWeightPrefetch = 4096;  // bytes ahead in the weight stream
 
+// ov micro-kernel: P pixels x NV vectors of W outputs; out[p] (null: not stored) gets
+// act(bias + sum + rin[p]) (rin null, or rin[p] null: no residual).
 template <int NV, int P, int U, bool UNIT, bool MASKED>
 static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __restrict off,
                     int64_t nq, const float* __restrict w, int64_t N,
-                    const float* __restrict bias, float* const* out, int64_t nlast) {
+                    const float* __restrict bias, float* const* out, int64_t nlast,
+                    const float* const* rin, bool relu) {
   static_assert(!MASKED || NV == 1, "masked ov tiles have one output vector");
   const MT mo = vmask(MASKED ? nlast : W);
   VT acc[U][P][NV];
@@ -767,6 +822,8 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
     GP_UNROLL for (int v = 0; v < NV; ++v) {
       VT s = acc[0][p][v];
       GP_UNROLL for (int u = 1; u < U; ++u) s = vadd(s, acc[u][p][v]);
+      const float* r = rin && rin[p] ? rin[p] + v * W : nullptr;
+      if (r || relu) s = epi(s, r, mo, relu);
       if (MASKED)
         vstorem(out[p], s, mo);
       else
@@ -776,9 +833,10 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
 }
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                      const float*, float*, int64_t, bool, const PvStore&, int64_t);
+                      const float*, float*, int64_t, bool, const PvStore&, int64_t,
+                      const float*, bool, bool);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
-                      const float*, float* const*, int64_t);
+                      const float*, float* const*, int64_t, const float* const*, bool);
 
 // off[j * taps + t] = idx[j] * cs + toff[t] for output group g, then kOffPad copies of the last
 // entry (targets for the L1 prefetch past the end).
@@ -826,8 +884,10 @@ static void pv_writeback(const Job& jb, const float* buf, int64_t ldb, int64_t n
   for (int64_t f = f0; f < f0 + cnt; ++f) {
     const int64_t oh = f / jb.Wq, ow = f - oh * jb.Wq;
     if (ow >= jb.Wo) continue;
-    float* d = jb.y + (b * HoWo + oh * jb.Wo + ow) * jb.K + k0;
-    for (int64_t n = 0; n < nc; ++n) d[n] = buf[n * ldb + (f - f0)];
+    const int64_t at = (b * HoWo + oh * jb.Wo + ow) * jb.K + k0;
+    float* d = jb.y + at;
+    const float* r = jb.res ? jb.res + at : nullptr;
+    for (int64_t n = 0; n < nc; ++n) d[n] = epi1(buf[n * ldb + (f - f0)], r ? r + n : nullptr, jb.relu);
   }
 }
 
@@ -871,7 +931,7 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
     const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
     const int64_t k0 = g * jb.N + c0;
     kOv[kind + 3][cnt](xt, 1, off, jb.kept * jb.taps, jb.w + g * jb.kept * jb.taps * jb.N + c0,
-                       jb.N, jb.bias ? jb.bias + k0 : nullptr, outp, width);
+                       jb.N, jb.bias ? jb.bias + k0 : nullptr, outp, width, nullptr, false);
     for (int64_t p = 0; p < cnt; ++p) {
       const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
       if (ow >= jb.Wo) continue;
@@ -879,7 +939,7 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
       for (int64_t n = 0; n < width; ++n) {
         const int64_t at = jb.y_cl ? (b * HoWo + pix) * jb.K + k0 + n
                                    : (b * jb.K + k0 + n) * HoWo + pix;
-        jb.y[at] = outp[p][n];
+        jb.y[at] = epi1(outp[p][n], jb.res ? jb.res + at : nullptr, jb.relu);
       }
     }
     c0 += width;
@@ -944,9 +1004,12 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
         const int64_t nc = std::min(NC, jb.N - c0), k0 = g * jb.N + c0;
         float* out = in_place ? jb.y + (b * jb.K + k0) * HoWo : buf + c0 * TP;
         const int64_t ldo = in_place ? HoWo : TP;
+        // NCHW: the epilogue runs in the tile's store; NHWC: in pv_writeback
+        const bool fin = in_place && j0 + jb.jblock >= jb.kept;
+        const float* rout = fin && jb.res ? jb.res + (out - jb.y) : nullptr;
         kPv[nc][std::min<int64_t>(vused, V)](xt, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
                                              jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0,
-                                             st, c0 == 0 ? jb.pfd : 0);
+                                             st, c0 == 0 ? jb.pfd : 0, rout, jb.relu, fin);
       }
     }
     if (!in_place)
@@ -961,6 +1024,7 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
   const int64_t HoWo = jb.Ho * jb.Wo;
   const int64_t unit = jb.ld == 1 ? 3 : 0;
   float* outp[16];
+  const float* resp[16];
   for (int64_t i = r.fa; i < r.fb; ++i) {
     const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
     const int64_t P = f1 - f0;
@@ -973,11 +1037,14 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
       const int64_t k0 = g * jb.N + c0;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
-        outp[p] = ow < jb.Wo ? jb.y + (b * HoWo + oh * jb.Wo + ow) * jb.K + k0 : nullptr;
+        const int64_t at = (b * HoWo + oh * jb.Wo + ow) * jb.K + k0;
+        outp[p] = ow < jb.Wo ? jb.y + at : nullptr;
+        resp[p] = ow < jb.Wo && jb.res ? jb.res + at : nullptr;
       }
       const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
       const float* bg = jb.bias ? jb.bias + k0 : nullptr;
-      kOv[kind + unit][P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp, width);
+      kOv[kind + unit][P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp, width,
+                          jb.res ? resp : nullptr, jb.relu);
       c0 += width;
     }
   }

@@ -223,21 +223,46 @@ def conv2d_1xn_reference(
     dilation: Sequence[int],
     n: int,
     kernel_size: Sequence[int],
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
-    """Pure-PyTorch 1xN conv2d: dense conv with the unpacked weight (same memory format as x)."""
+    """Pure-PyTorch 1xN conv2d: dense conv with the unpacked weight (same memory format as x),
+    then the epilogue ``relu(y + residual)`` (each part optional)."""
     w = unpack_1xn(values, indices, n, x.shape[1], kernel_size).to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     # NCHW: oneDNN's channels_last conv crashes on some odd shapes (padding wider than the input)
     y = F.conv2d(x.contiguous(), w, b, tuple(stride), tuple(padding), tuple(dilation))
-    return _like_input(y, x)
+    return _like_input(_epilogue(y, residual, relu), x)
 
 
 def linear_1xn_reference(
-    x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    n: int,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
-    """Pure-PyTorch 1xN linear: ``F.linear`` with the unpacked weight."""
+    """Pure-PyTorch 1xN linear: ``F.linear`` with the unpacked weight, then the epilogue."""
     w = unpack_1xn(values, indices, n, x.shape[-1]).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return _epilogue(y, residual, relu)
+
+
+def _epilogue(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    if residual is not None:
+        _check_residual(y.shape, residual)
+        y = y + residual.to(y.dtype)
+    return torch.relu(y) if relu else y
+
+
+def _check_residual(shape, residual: Tensor | None) -> None:
+    if residual is not None and tuple(residual.shape) != tuple(shape):
+        raise ValueError(
+            f"graphprune 1xN: residual must have the output's shape {tuple(shape)}, got "
+            f"{tuple(residual.shape)} (no broadcasting in the fused epilogue)"
+        )
 
 
 # ---------------------------------------------------------------- custom ops
@@ -268,13 +293,16 @@ def conv2d_1xn(
     dilation: Sequence[int],
     n: int,
     kernel_size: Sequence[int],
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
-    """1xN block-sparse conv2d (see module docstring for the weight layout)."""
+    """1xN block-sparse conv2d (see module docstring for the weight layout), with the fused
+    epilogue ``relu(conv + bias + residual)`` (residual: the output's shape; both optional)."""
     _check_conv_args(x, values, n, kernel_size)
-    mod = _cpp_for(x, values, bias)
+    mod = _cpp_for(x, values, bias, residual)
     if mod is None:
         return conv2d_1xn_reference(
-            x, values, indices, bias, stride, padding, dilation, n, kernel_size
+            x, values, indices, bias, stride, padding, dilation, n, kernel_size, residual, relu
         )
     return mod.conv2d_1xn(
         x,
@@ -282,44 +310,66 @@ def conv2d_1xn(
         indices.to(torch.int32).contiguous(),
         None if bias is None else bias.contiguous(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        n, kernel_size[0], kernel_size[1],
+        n, kernel_size[0], kernel_size[1], residual, relu,
     )  # fmt: skip
 
 
 @conv2d_1xn.register_fake
-def _conv2d_1xn_fake(x, values, indices, bias, stride, padding, dilation, n, kernel_size):
+def _conv2d_1xn_fake(x, values, indices, bias, stride, padding, dilation, n, kernel_size,
+                     residual=None, relu=False):  # fmt: skip
     _check_conv_args(x, values, n, kernel_size)
     ho = _out_size(x.shape[2], kernel_size[0], stride[0], padding[0], dilation[0])
     wo = _out_size(x.shape[3], kernel_size[1], stride[1], padding[1], dilation[1])
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     shape = (x.shape[0], values.shape[0] * n, ho, wo)
+    _check_residual(shape, residual)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 @torch.library.custom_op("graphprune::linear_1xn", mutates_args=())
-def linear_1xn(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int) -> Tensor:
-    """1xN block-sparse linear over the last dim of x: ``[*, C] -> [*, K]``."""
-    mod = _cpp_for(x, values, bias)
+def linear_1xn(
+    x: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    bias: Tensor | None,
+    n: int,
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """1xN block-sparse linear over the last dim of x: ``[*, C] -> [*, K]``, with the fused
+    epilogue ``relu(y + residual)`` (both optional)."""
+    mod = _cpp_for(x, values, bias, residual)
     if mod is None:
-        return linear_1xn_reference(x, values, indices, bias, n)
+        return linear_1xn_reference(x, values, indices, bias, n, residual, relu)
     lead = x.shape[:-1]
+    _check_residual((*lead, values.shape[0] * n), residual)
     y = mod.linear_1xn(
         x.reshape(-1, x.shape[-1]),
         values.contiguous(),
         indices.to(torch.int32).contiguous(),
         None if bias is None else bias.contiguous(),
         n,
+        None if residual is None else residual.reshape(-1, residual.shape[-1]),
+        relu,
     )
     return y.reshape(*lead, y.shape[-1])
 
 
 @linear_1xn.register_fake
-def _linear_1xn_fake(x, values, indices, bias, n):
-    return x.new_empty((*x.shape[:-1], values.shape[0] * n))
+def _linear_1xn_fake(x, values, indices, bias, n, residual=None, relu=False):
+    shape = (*x.shape[:-1], values.shape[0] * n)
+    _check_residual(shape, residual)
+    return x.new_empty(shape)
+
+
+def _epilogue_grad(ctx, grad: Tensor) -> Tensor:
+    """The gradient at the conv/linear output, through the fused ReLU."""
+    return grad * (ctx.saved_tensors[3] > 0).to(grad.dtype) if ctx.relu else grad
 
 
 def _conv_backward(ctx, grad: Tensor):
-    x, values, indices = ctx.saved_tensors
+    x, values, indices = ctx.saved_tensors[:3]
+    grad = _epilogue_grad(ctx, grad)
     a = ctx.args
     w = unpack_1xn(values, indices, a["n"], x.shape[1], a["kernel_size"])
     conv = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
@@ -331,12 +381,31 @@ def _conv_backward(ctx, grad: Tensor):
         gv = pack_1xn(gw, indices, a["n"])
     if ctx.needs_input_grad[3]:
         gb = grad.sum(dim=(0, 2, 3))
-    return gx, gv, None, gb, None, None, None, None, None
+    return _with_residual_grad(ctx, grad, (gx, gv, None, gb, None, None, None, None, None))
+
+
+def _with_residual_grad(ctx, grad: Tensor, grads: tuple) -> tuple:
+    """Append the residual's gradient (``grad``, already through the ReLU: the residual is added
+    before it) and None for ``relu``."""
+    extra = len(ctx.needs_input_grad) - len(grads)
+    if extra <= 0:
+        return grads
+    gr = grad if ctx.needs_input_grad[len(grads)] else None
+    return (*grads, gr, *([None] * (extra - 1)))
+
+
+def _save_epilogue(ctx, x, values, indices, output, relu: bool) -> None:
+    ctx.relu = relu
+    if relu:
+        ctx.save_for_backward(x, values, indices, output)
+    else:
+        ctx.save_for_backward(x, values, indices)
 
 
 def _conv_setup(ctx, inputs, output):
-    x, values, indices, _bias, stride, padding, dilation, n, kernel_size = inputs
-    ctx.save_for_backward(x, values, indices)
+    x, values, indices, _bias, stride, padding, dilation, n, kernel_size = inputs[:9]
+    relu = bool(inputs[10]) if len(inputs) > 10 else False
+    _save_epilogue(ctx, x, values, indices, output, relu)
     ctx.args = dict(
         stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), n=n,
         kernel_size=tuple(kernel_size),
@@ -344,7 +413,8 @@ def _conv_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad: Tensor):
-    x, values, indices = ctx.saved_tensors
+    x, values, indices = ctx.saved_tensors[:3]
+    grad = _epilogue_grad(ctx, grad)
     n = ctx.n
     w = unpack_1xn(values, indices, n, x.shape[-1])
     gx = gv = gb = None
@@ -355,12 +425,12 @@ def _linear_backward(ctx, grad: Tensor):
         gv = pack_1xn(g2.t() @ x.reshape(-1, x.shape[-1]), indices, n)
     if ctx.needs_input_grad[3]:
         gb = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
-    return gx, gv, None, gb, None
+    return _with_residual_grad(ctx, grad, (gx, gv, None, gb, None))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, values, indices, _bias, n = inputs
-    ctx.save_for_backward(x, values, indices)
+    x, values, indices, _bias, n = inputs[:5]
+    _save_epilogue(ctx, x, values, indices, output, bool(inputs[6]) if len(inputs) > 6 else False)
     ctx.n = n
 
 
@@ -371,7 +441,7 @@ linear_1xn.register_autograd(_linear_backward, setup_context=_linear_setup)
 # ---------------------------------------------------------------- modules
 
 
-def _eager_ext(x: Tensor, values: Tensor, bias: Tensor | None):
+def _eager_ext(x: Tensor, values: Tensor, bias: Tensor | None, residual: Tensor | None = None):
     """The extension when a module may call it directly (skipping the custom-op dispatch, ~30 us).
 
     Only for plain eager CPU float32 tensors with no autograd to record; under torch.compile,
@@ -379,13 +449,15 @@ def _eager_ext(x: Tensor, values: Tensor, bias: Tensor | None):
     """
     if type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return None
+    if residual is not None and type(residual) is not torch.Tensor:
+        return None
     if not values.is_contiguous():
         return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, values, bias, residual)
     ):
         return None
-    return _cpp_for(x, values, bias)
+    return _cpp_for(x, values, bias, residual)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -424,7 +496,12 @@ def _block_indices(mask: Tensor, n: int, what: str) -> Tensor:
 
 
 class Conv2d1xN(nn.Module):
-    """Conv2d whose weight is uniform 1xN block-sparse; forward runs ``graphprune::conv2d_1xn``."""
+    """Conv2d whose weight is uniform 1xN block-sparse; forward runs ``graphprune::conv2d_1xn``.
+
+    ``forward(x, residual=None)`` returns ``act(conv(x) + bias + residual)``: with ``relu=True``
+    the ReLU, and a residual (the output's shape) added before it, are fused into the kernel's
+    stores (what the ``fuse_epilogue`` pass sets up after folding BatchNorm into ``values``).
+    """
 
     def __init__(
         self,
@@ -438,10 +515,12 @@ class Conv2d1xN(nn.Module):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         dtype: torch.dtype | None = None,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         g = _num_groups(out_channels, n)
         self.in_channels, self.out_channels, self.n = in_channels, out_channels, n
+        self.relu = relu
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         taps = self.kernel_size[0] * self.kernel_size[1]
@@ -488,16 +567,16 @@ class Conv2d1xN(nn.Module):
             self.values.detach(), self.indices, self.n, self.in_channels, self.kernel_size
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        mod = _eager_ext(x, self.values, self.bias)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        mod = _eager_ext(x, self.values, self.bias, residual)
         if mod is not None and x.dim() == 4 and self.indices.dtype == torch.int32:
             return mod.conv2d_1xn(
                 x, self.values, self.indices, self.bias, *self.stride, *self.padding,
-                *self.dilation, self.n, *self.kernel_size,
+                *self.dilation, self.n, *self.kernel_size, residual, self.relu,
             )  # fmt: skip
         return torch.ops.graphprune.conv2d_1xn(
             x, self.values, self.indices, self.bias, list(self.stride), list(self.padding),
-            list(self.dilation), self.n, list(self.kernel_size),
+            list(self.dilation), self.n, list(self.kernel_size), residual, self.relu,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -505,11 +584,15 @@ class Conv2d1xN(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"n={self.n}, kept={self.kept}, stride={self.stride}, padding={self.padding}, "
             f"dilation={self.dilation}, bias={self.bias is not None}"
+            + (", relu=True" if self.relu else "")
         )
 
 
 class Linear1xN(nn.Module):
-    """Linear whose weight is uniform 1xN block-sparse; forward runs ``graphprune::linear_1xn``."""
+    """Linear whose weight is uniform 1xN block-sparse; forward runs ``graphprune::linear_1xn``.
+
+    ``forward(x, residual=None)``: ``act(x @ W.T + bias + residual)`` as for :class:`Conv2d1xN`.
+    """
 
     def __init__(
         self,
@@ -519,10 +602,12 @@ class Linear1xN(nn.Module):
         kept: int,
         bias: bool = True,
         dtype: torch.dtype | None = None,
+        relu: bool = False,
     ) -> None:
         super().__init__()
         g = _num_groups(out_features, n)
         self.in_features, self.out_features, self.n = in_features, out_features, n
+        self.relu = relu
         self.values = nn.Parameter(torch.zeros(g, kept, n, dtype=dtype))
         self.register_buffer("indices", torch.arange(kept, dtype=torch.int32).repeat(g, 1))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
@@ -558,19 +643,26 @@ class Linear1xN(nn.Module):
         """The equivalent masked dense weight ``[K, C]``."""
         return unpack_1xn(self.values.detach(), self.indices, self.n, self.in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        mod = _eager_ext(x, self.values, self.bias)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        mod = _eager_ext(x, self.values, self.bias, residual)
         if mod is not None and x.dim() >= 1 and self.indices.dtype == torch.int32:
+            k = self.values.shape[0] * self.n
+            _check_residual((*x.shape[:-1], k), residual)
+            r = None if residual is None else residual.reshape(-1, k)
             y = mod.linear_1xn(
-                x.reshape(-1, x.shape[-1]), self.values, self.indices, self.bias, self.n
-            )
+                x.reshape(-1, x.shape[-1]), self.values, self.indices, self.bias, self.n, r,
+                self.relu,
+            )  # fmt: skip
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        return torch.ops.graphprune.linear_1xn(x, self.values, self.indices, self.bias, self.n)
+        return torch.ops.graphprune.linear_1xn(
+            x, self.values, self.indices, self.bias, self.n, residual, self.relu
+        )
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, "
             f"kept={self.kept}, bias={self.bias is not None}"
+            + (", relu=True" if self.relu else "")
         )
 
 

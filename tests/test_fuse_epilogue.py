@@ -1,0 +1,188 @@
+"""fuse_epilogue pass: BatchNorm folding and residual add + ReLU fused into the 1xN kernels.
+
+Every positive case runs through `gp.sparsify`, which verifies the fused model against the
+unfused one (and that against the masked dense oracle); the tests check what was fused, what
+was left alone and why, and that the user's model is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from graphprune.passes.fuse_epilogue import fuse_epilogue
+from torch import nn
+
+import graphprune as gp
+from graphprune.kernels import onexn
+from graphprune.zoo import resnet50
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, so a wrong fold cannot pass by accident."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def _sparsify(model, x, **kw):
+    return gp.sparsify(model, (x,), pattern="1x16", sparsity=0.5, check_speed=False,
+                       permute=False, **kw)  # fmt: skip
+
+
+def _kinds(gm: fx.GraphModule) -> list[str]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out.append(type(gm.get_submodule(n.target)).__name__)
+        elif n.op in ("call_function", "call_method"):
+            out.append(getattr(n.target, "__name__", str(n.target)))
+    return out
+
+
+def test_resnet50_bottlenecks_fuse_completely():
+    """Every BN, ReLU and residual add of ResNet-50 is absorbed into the 1xN convs."""
+    model = _random_bn(resnet50())
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    s = _sparsify(model, x)
+    rep = s.graphprune_report
+    kinds = _kinds(s)
+    assert "BatchNorm2d" not in kinds and "ReLU" not in kinds and "add" not in kinds
+    fused = [r.get("fused") for r in rep["layers"] if r["pattern"] != "dense"]
+    assert fused.count("bn+add+relu") == 16  # one per bottleneck
+    assert fused.count("bn+relu") == 33 and fused.count("bn") == 4  # downsample convs: bn only
+    assert rep["verify"].count("verified") == 2  # vs the oracle, then fused vs unfused
+    for k, v in model.state_dict().items():  # the user's model is not modified
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        ref = _sparsify(model, x, fuse=False)(x)
+        assert torch.allclose(s(x), ref, rtol=1e-4, atol=1e-5)
+
+
+class _Block(nn.Module):
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.c1 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(32)
+        self.c2 = nn.Conv2d(32, 32, 1)
+        self.b2 = nn.BatchNorm2d(32)
+        self.act6 = nn.ReLU6()
+
+    def forward(self, x):
+        v = self.variant
+        if v == "two_users":  # the conv output feeds the BN and the add
+            a = self.c1(x)
+            return torch.relu(self.b1(a)) + a
+        h = self.b1(self.c1(x))
+        if v == "relu6":
+            return self.act6(h)
+        h = torch.relu(h)
+        y = self.c2(h)
+        if v == "broadcast":
+            return F.relu(y + h.mean(dim=(2, 3), keepdim=True))
+        if v == "alpha":
+            return torch.add(y, h, alpha=2.0)
+        if v == "inplace_into_residual":
+            h.add_(y)  # mutates h: the fused op must not replace this (fx keeps add_;
+            return h  # a plain `h += y` on a Proxy traces as a new, non-mutating add)
+        if v == "inplace_into_conv":
+            return F.relu(y.add_(h))
+        if v == "inplace_then_reuse":
+            y.add_(h)  # the relu reads y (the conv node) again: two users, left alone
+            return F.relu(y)
+        if v == "relu_then_add":
+            return F.relu(y) + h
+        if v == "residual_first":
+            return torch.relu(operator.add(h, self.b2(y)))
+        raise ValueError(v)
+
+
+@pytest.mark.parametrize(
+    "variant,expect",
+    [
+        ("two_users", {"c1": None}),  # c1's output feeds the BN and the add
+        ("relu6", {"c1": "bn"}),  # ReLU6 is not a ReLU
+        ("broadcast", {"c1": "bn+relu", "c2": None}),  # broadcasting add stays
+        ("alpha", {"c1": "bn+relu", "c2": None}),  # add with alpha stays
+        ("inplace_into_residual", {"c1": "bn+relu", "c2": None}),
+        ("inplace_into_conv", {"c1": "bn+relu", "c2": "add+relu"}),
+        ("inplace_then_reuse", {"c1": "bn+relu", "c2": None}),
+        ("relu_then_add", {"c1": "bn+relu", "c2": "relu"}),  # add after the ReLU stays
+        ("residual_first", {"c1": "bn+relu", "c2": "bn+add+relu"}),
+    ],
+)
+def test_fusion_cases(variant, expect):
+    """Exactly the supported chains fuse; the rest is left as it was (and still verifies)."""
+    model = _random_bn(_Block(variant))
+    x = torch.randn(2, 16, 9, 9)
+    s = _sparsify(model, x)
+    got = {r["layer"]: r.get("fused") for r in s.graphprune_report["layers"]}
+    for layer, want in expect.items():
+        assert got[layer] == want, (variant, got)
+    with torch.no_grad():
+        ref = _sparsify(model, x, fuse=False)(x)
+        assert torch.allclose(s(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_bn_and_shared_modules_are_not_folded():
+    """BN in training mode uses batch statistics (no fold); a conv called twice keeps its BN."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(16, 16, 1)
+            self.b = nn.BatchNorm2d(16)
+
+        def forward(self, x):
+            return self.b(self.c(self.c(x)))
+
+    model = _random_bn(Shared())
+    x = torch.randn(2, 16, 5, 5)
+    s = _sparsify(model, x)
+    assert all("fused" not in r for r in s.graphprune_report["layers"])
+    gm = _sparsify(_random_bn(_Block("residual_first")), torch.randn(2, 16, 9, 9), fuse=False)
+    gm.get_submodule("b1").train()
+    fused_gm, fused = fuse_epilogue(gm)
+    assert "c1" not in fused and fused["c2"] == "bn+add+relu"
+    assert _kinds(fused_gm).count("BatchNorm2d") == 1
+
+
+def test_fused_model_exports_and_compiles():
+    """torch.export and torch.compile trace through the fused op (residual + relu args)."""
+    model = _random_bn(_Block("residual_first"))
+    x = torch.randn(2, 16, 9, 9)
+    s = _sparsify(model, x)
+    assert s.get_submodule("c2").relu
+    with torch.no_grad():
+        want = s(x)
+        ep = torch.export.export(s, (x,))
+        assert "graphprune.conv2d_1xn" in str(ep.graph)
+        assert torch.allclose(ep.module()(x), want, rtol=1e-5, atol=1e-6)
+        comp = torch.compile(s, backend="aot_eager")
+        assert torch.allclose(comp(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_path_gives_the_same_numbers():
+    """The pure-PyTorch path of the fused ops equals the C++ kernel."""
+    model = _random_bn(_Block("residual_first"))
+    x = torch.randn(2, 16, 9, 9)
+    s = _sparsify(model, x)
+    with torch.no_grad():
+        y = s(x)
+        with onexn.use_reference():
+            y_ref = s(x)
+    assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
