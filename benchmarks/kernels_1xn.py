@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
         "--warm", action="store_true",
         help="run each function once, untimed, right before each of its timed calls",
     )  # fmt: skip
+    ap.add_argument(
+        "--malloc", choices=["pinned", "default"], default="pinned",
+        help="pinned (default): fix glibc's malloc thresholds first (cost.pin_malloc), so a "
+             "25 MB output does not page-fault on some calls and not on others",
+    )  # fmt: skip
     ap.add_argument("--json", default=None, help="also save the rows as JSON to this path")
     ap.add_argument("--merge", nargs="+", default=None, help="report from saved JSON files only")
     ap.add_argument("--write", default=None, help="write a markdown report to this path")
@@ -290,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not onexn.available():
         raise SystemExit("the 1xN C++ kernel is not available; nothing to benchmark")
+    if a.malloc == "pinned":
+        from graphprune.cost import pin_malloc
+
+        print(f"# malloc pinned: {pin_malloc()}")
     ns = a.ns or ((16,) if a.quick else (4, 8, 16, 32))
     sps = a.sparsities or ((0.5, 0.75) if a.quick else (0.5, 0.75, 0.875))
     layers = LAYERS[::2] if a.quick else LAYERS

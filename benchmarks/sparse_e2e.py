@@ -3,7 +3,8 @@ dense vs sparse measured side by side (same process, same threads, alternating r
 
 Columns: the dense model as the user has it; the dense model with BatchNorm folded into the convs
 (`torch.fx.experimental.optimization.fuse`, the fair dense baseline for an inference rewrite);
-the sparse model with the 1xN kernels only (`fuse=False`); and `gp.sparsify`'s default, where the
+that model again in channels_last memory format with a channels_last input (the fastest dense
+variant here: oneDNN's NHWC convs and max-pool are faster than NCHW ones); the sparse model with the 1xN kernels only (`fuse=False`); and `gp.sparsify`'s default, where the
 `fuse_epilogue` pass also folds BatchNorm and fuses residual add + ReLU into the kernels' stores.
 
     python benchmarks/sparse_e2e.py [--batch 1 8] [--threads 1 2] [--pin-malloc] [--no-speed-check]
@@ -42,16 +43,19 @@ def main():
     torch.manual_seed(0)
     model = resnet50().eval()
     folded = fx_fuse(model)
+    folded_cl = fx_fuse(model).to(memory_format=torch.channels_last)
     print(f"# {args.pattern} at {args.sparsity:.0%} end to end, ResNet-50 @224 — "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"kernel: {'C++ ' + onexn.isa() if onexn.available() else 'reference (no C++)'}; "
           f"median of {args.rounds} alternating rounds")
     print("| batch | threads | layers sparse / dense | dense ms | dense BN-folded ms | "
-          "sparse ms (kernels only) | sparse ms (+ fused epilogue) | speedup vs dense | "
-          "vs BN-folded dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "dense BN-folded channels_last ms | sparse ms (kernels only) | "
+          "sparse ms (+ fused epilogue) | speedup vs dense | vs BN-folded | "
+          "vs BN-folded channels_last |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b in args.batch:
         x = torch.randn(b, 3, 224, 224)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
         for t in args.threads:
             torch.set_num_threads(t)
             kw = dict(pattern=args.pattern, sparsity=args.sparsity, threads=t,
@@ -60,11 +64,13 @@ def main():
             fused = gp.sparsify(model, (x,), **kw)
             rep = fused.graphprune_report
             n_dense = sum(1 for r in rep["layers"] if r["pattern"] == "dense")
-            times = onexn.time_rounds([lambda m=m, x=x: m(x) for m in (model, folded, plain, fused)],
-                                      warmup=3, repeats=args.rounds)
-            d, f, p, s = (statistics.median(ts) for ts in times)
-            print(f"| {b} | {t} | {rep['sparsified']} / {n_dense} | {d:.1f} | {f:.1f} | "
-                  f"{p:.1f} | {s:.1f} | **{d / s:.2f}x** | **{f / s:.2f}x** |")
+            fns = [lambda m=m, x=x: m(x) for m in (model, folded)]
+            fns.append(lambda x_cl=x_cl: folded_cl(x_cl))
+            fns += [lambda m=m, x=x: m(x) for m in (plain, fused)]
+            times = onexn.time_rounds(fns, warmup=3, repeats=args.rounds)
+            d, f, fc, p, s = (statistics.median(ts) for ts in times)
+            print(f"| {b} | {t} | {rep['sparsified']} / {n_dense} | {d:.1f} | {f:.1f} | {fc:.1f} | "
+                  f"{p:.1f} | {s:.1f} | **{d / s:.2f}x** | {f / s:.2f}x | {fc / s:.2f}x |")
 
 
 if __name__ == "__main__":

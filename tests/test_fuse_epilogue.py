@@ -19,6 +19,7 @@ from graphprune.passes.fuse_epilogue import fuse_epilogue
 from torch import nn
 
 import graphprune as gp
+from graphprune import zoo
 from graphprune.kernels import onexn
 from graphprune.zoo import resnet50
 
@@ -186,3 +187,28 @@ def test_reference_path_gives_the_same_numbers():
         with onexn.use_reference():
             y_ref = s(x)
     assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_zoo_sparsify_with_fusion_verifies(name):
+    """Every zoo architecture: 1x4 at 50% + BN folding + epilogues, verified twice (by sparsify:
+    unfused vs the masked oracle, fused vs unfused); fused and unfused agree on a fresh input."""
+    model, inputs = zoo.ZOO[name]()
+    model.eval()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = gp.sparsify(model, inputs, pattern="1x4", sparsity=0.5, check_speed=False)
+        plain = gp.sparsify(model, inputs, pattern="1x4", sparsity=0.5, check_speed=False,
+                            fuse=False, verify=False)  # fmt: skip
+        rep = s.graphprune_report
+        assert rep["sparsified"] > 0
+        if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            assert rep["fused"] > 0, "a model with BatchNorm folded nothing"
+        x = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)
+        with torch.no_grad():
+            a, b = s(*x), plain(*x)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(n)
