@@ -63,6 +63,8 @@ def sparsity_table(rep) -> str:
             f"{rep['kept_magnitude']:.2f}")
     if rep.get("fused"):
         tail += f"; {rep['fused']} layers absorbed BatchNorm / residual add / ReLU"
+    if rep.get("pools_channels_last"):
+        tail += f"; {len(rep['pools_channels_last'])} max-pools run in channels_last"
     if rep.get("permutation"):
         tail += f"; {rep['permutation']}"
     return render(t) + tail + "\n" + (f"check: {rep['verify']}\n" if rep.get("verify") else "")

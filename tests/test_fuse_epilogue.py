@@ -212,3 +212,43 @@ def test_zoo_sparsify_with_fusion_verifies(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(n)
+
+
+def test_pool_layout_is_exact_and_only_for_large_nchw_pools():
+    """Large NCHW max-pools run in channels_last (bit-identical output, NCHW result); small
+    pools, pools returning indices and channels_last inputs are left alone."""
+    from graphprune.passes.pool_layout import MIN_ELEMENTS, max_pool2d_cl, pool_layout
+
+    from graphprune.trace import trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.MaxPool2d(3, 2, 1)
+            self.idx = nn.MaxPool2d(2, return_indices=True)
+
+        def forward(self, x):
+            a = self.big(x)  # 2*16*64*64 = 131k elements: swapped
+            b = F.max_pool2d(a, kernel_size=2, stride=2, ceil_mode=True)  # 32k: kept
+            c, i = self.idx(x)  # indices: kept
+            return a.sum() + b.sum() + c.sum() + i.sum()
+
+    x = torch.randn(2, 16, 64, 64)
+    assert x.numel() >= MIN_ELEMENTS > x.numel() // 4 // 4
+    gm = trace(Net(), (x,), method="fx").gm
+    out, done = pool_layout(gm)
+    assert len(done) == 1
+    targets = [n.target for n in out.graph.nodes if n.op in ("call_function", "call_module")]
+    assert targets.count(max_pool2d_cl) == 1 and "big" not in targets and "idx" in targets
+    with torch.no_grad():
+        assert torch.equal(out(x), gm(x))
+        y = max_pool2d_cl(x, 3, 2, 1)
+        assert torch.equal(y, F.max_pool2d(x, 3, 2, 1)) and y.is_contiguous()
+    ep = torch.export.export(out, (x,))  # traceable: the layout copies are plain aten ops
+    assert torch.equal(ep.module()(x), gm(x))
+
+
+def test_resnet50_stem_pool_runs_channels_last():
+    s = _sparsify(_random_bn(resnet50()), torch.randn(2, 3, 64, 64))
+    assert len(s.graphprune_report["pools_channels_last"]) == 1
+    assert "MaxPool2d" not in _kinds(s)
