@@ -5,7 +5,8 @@ Columns: the dense model as the user has it; the dense model with BatchNorm fold
 (`torch.fx.experimental.optimization.fuse`, the fair dense baseline for an inference rewrite);
 that model again in channels_last memory format with a channels_last input (the fastest dense
 variant here: oneDNN's NHWC convs and max-pool are faster than NCHW ones); the sparse model with the 1xN kernels only (`fuse=False`); and `gp.sparsify`'s default, where the
-`fuse_epilogue` pass also folds BatchNorm and fuses residual add + ReLU into the kernels' stores.
+`fuse_epilogue` pass also folds BatchNorm and fuses residual add + ReLU into the kernels' stores
+and `pool_layout` runs the stem max-pool in channels_last.
 
     python benchmarks/sparse_e2e.py [--batch 1 8] [--threads 1 2] [--pin-malloc] [--no-speed-check]
 """
@@ -50,7 +51,7 @@ def main():
           f"median of {args.rounds} alternating rounds")
     print("| batch | threads | layers sparse / dense | dense ms | dense BN-folded ms | "
           "dense BN-folded channels_last ms | sparse ms (kernels only) | "
-          "sparse ms (+ fused epilogue) | speedup vs dense | vs BN-folded | "
+          "sparse ms (default: + fusion, pool layout) | speedup vs dense | vs BN-folded | "
           "vs BN-folded channels_last |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b in args.batch:
