@@ -3,7 +3,6 @@ budget, solved globally by `solver` over exact per-layer costs of (kept in, kept
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.nn as nn
 from . import cost as C
 from .analysis import Analysis, ChannelGroup
 from .errors import PlanError
+from .optable import lookup
 from .plan import Flops, Latency, Params, repair_empty, select_top
 from .tmap import TMap
 
@@ -209,11 +209,6 @@ def layer_cost_fn(target, table=None):
     raise PlanError(f"unsupported target {target!r}")
 
 
-_MATMUL = {torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default, operator.matmul}
-_SDPA = {torch.nn.functional.scaled_dot_product_attention,
-         aten.scaled_dot_product_attention.default}
-
-
 def _groups_in(a: Analysis, tm, free: set[int]) -> set[int]:
     if not isinstance(tm, TMap):
         return set()
@@ -233,7 +228,8 @@ def matmul_terms(a: Analysis, free: set[int]) -> list[tuple[int | None, float]]:
     linear in the kept count of the one prunable group on their channel axes (None: fixed)."""
     out = []
     for node in a.graph.graph.nodes:
-        if node.op != "call_function" or node.target not in _MATMUL | _SDPA:
+        rule = lookup(node) if node.op in ("call_function", "call_method") else None
+        if rule is None or not rule.mixes:
             continue
         args = [x for x in node.args[:3] if isinstance(x, fx.Node)]
         if any(x.op == "get_attr" for x in args) or len(args) < 2:
@@ -241,7 +237,7 @@ def matmul_terms(a: Analysis, free: set[int]) -> list[tuple[int | None, float]]:
         shapes = [tuple(x.meta["val"].shape) for x in args]
         if any(len(sh) < 2 for sh in shapes):
             continue
-        if node.target in _SDPA and len(shapes) == 3:
+        if rule.name == "sdpa" and len(shapes) == 3:
             q, k, v = shapes
             kt = k[:-2] + (k[-1], k[-2])
             pairs = [(2.0 * _mm_macs(q, kt), [args[0], args[1]]),

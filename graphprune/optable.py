@@ -30,16 +30,19 @@ class OpRule:
     slim: Callable[..., None] | None = None
     oracle: Callable[..., None] | None = None
     shape_args: bool = False  # non-tensor args are sizes (view, reshape, expand, zeros, ...)
+    mixes: bool = False  # an activation x activation product (matmul, attention): every output
+    # reads all channels of the contracted axis of both inputs, and costs FLOPs of its own
 
 
 _TABLE: dict[Any, OpRule] = {}
 
 
-def register(*keys: Any, name: str | None = None, slim=None, oracle=None, shape_args=False):
+def register(*keys: Any, name: str | None = None, slim=None, oracle=None, shape_args=False,
+             mixes=False):
     """Decorator: register an analyze function (and hooks) for keys; refuses duplicates."""
 
     def deco(fn):
-        rule = OpRule(name or fn.__name__, fn, slim, oracle, shape_args)
+        rule = OpRule(name or fn.__name__, fn, slim, oracle, shape_args, mixes)
         for k in keys:
             if k is None:
                 continue

@@ -581,8 +581,8 @@ def _matmul(b: Builder, node: fx.Node):
 
 
 register(torch.matmul, "method:matmul", torch.bmm, "method:bmm", aten.matmul.default,
-         aten.bmm.default, aten.mm.default, torch.mm, name="matmul")(_matmul)
-register(__import__("operator").matmul, name="matmul_op")(_matmul)
+         aten.bmm.default, aten.mm.default, torch.mm, name="matmul", mixes=True)(_matmul)
+register(__import__("operator").matmul, name="matmul_op", mixes=True)(_matmul)
 
 
 def _sdpa(b: Builder, node: fx.Node):
@@ -610,7 +610,7 @@ def _slim_sdpa(s, node: fx.Node):
 
 
 register(F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default,
-         name="sdpa", slim=_slim_sdpa)(_sdpa)
+         name="sdpa", slim=_slim_sdpa, mixes=True)(_sdpa)
 
 
 def _mha(b: Builder, node: fx.Node):

@@ -261,3 +261,33 @@ def test_latency_allocation_predicts_the_slimmed_model(frac):
     assert p.meta["predicted_cost"] == pytest.approx(pred, rel=1e-9)
     ops = sum(it.ms for it in items if it.kind not in ("layer", "free", "unknown"))
     assert ops > 0.1 * pred  # the overheads are a real part of what was budgeted
+
+
+def test_attention_products_found_through_the_op_table():
+    """Activation x activation products are found by the op table's `mixes` flag, in every
+    spelling (method `.matmul`, `@`, `torch.mm`): their FLOPs enter the allocation and the
+    soft-mask pruner treats their channel groups as unsafe to mask by weights alone."""
+    from graphprune.allocate import matmul_terms
+    from graphprune.training.soft_mask import unsafe_groups
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(8, 16) for _ in range(3))
+            self.o = nn.Linear(16, 8)
+            self.w = nn.Linear(8, 8)
+
+        def forward(self, x):  # x [T, 8]
+            s = self.q(x).matmul(self.k(x).transpose(0, 1)).softmax(-1)  # method form
+            h = self.o(s @ self.v(x))  # operator form
+            return torch.mm(h, self.w(h).t())  # torch.mm
+
+    t = 5
+    a = gp.analyze(Att(), (torch.randn(t, 8),))
+    free = {g.id for g in a.prunable_groups}
+    terms = matmul_terms(a, free)
+    assert sorted(f for _, f in terms) == sorted([2.0 * t * 16 * t, 2.0 * t * t * 16,
+                                                   2.0 * t * 8 * t])
+    qk = next(g.id for g in a.groups if any(m.startswith("q.") for m in g.members))
+    assert any(gid == qk for gid, _ in terms)
+    assert qk in unsafe_groups(a)

@@ -17,14 +17,12 @@ ops, the straight-through weight mask (`STMask`) and the clean (unmasked) copy u
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..allocate import _table_for, allocate, cost_layers
 from ..analysis import Analysis, iter_maps
@@ -231,8 +229,6 @@ class Ramp:
 
 # ---- which groups the input-channel view can mask exactly --------------------------------------
 
-_MIXERS = {torch.matmul, torch.bmm, operator.matmul, F.scaled_dot_product_attention,
-           torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
 _REDUCTIONS = ("mean", "var", "std", "amax", "amin", "logsumexp", "sum", "maxmin")
 
 
@@ -259,8 +255,8 @@ def unsafe_groups(a: Analysis) -> set[int]:
                             if x.op != "get_attr"))
         mod = a.graph.get_submodule(node.target) if node.op == "call_module" else None
         rule = lookup(node, mod)
-        if node.target in _MIXERS or (rule is not None and rule.oracle is not None
-                                      and rule.name not in _REDUCTIONS):
+        if rule is not None and (rule.mixes or (rule.oracle is not None
+                                                and rule.name not in _REDUCTIONS)):
             bad |= ins
         else:
             bad |= ins - _groups_of(a, out)
