@@ -917,6 +917,16 @@ struct Prefetch {
   }
 };
 
+// The ov output chunk starting `left` outputs before the end of a group: two full vectors (kind
+// 1), one full vector (0) or one masked remainder vector (2), and how many outputs it covers.
+struct OvChunk {
+  int64_t kind, width;
+};
+static inline OvChunk ov_chunk(int64_t left) {
+  const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
+  return {kind, kind == 1 ? 2 * W : std::min<int64_t>(left, W)};
+}
+
 // The last few pixels of a unit (a pv vector would be mostly empty lanes) go through the ov
 // kernel instead (vectorised over outputs, a broadcast per pixel), then are scattered into y.
 // xt: activations of flat position f0 (read at xt + off[q] + p).
@@ -926,9 +936,7 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
   float* outp[16];
   for (int64_t p = 0; p < cnt; ++p) outp[p] = tbuf + p * 2 * W;
   for (int64_t c0 = 0; c0 < jb.N;) {
-    const int64_t left = jb.N - c0;
-    const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
-    const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
+    const auto [kind, width] = ov_chunk(jb.N - c0);
     const int64_t k0 = g * jb.N + c0;
     kOv[kind + 3][cnt](xt, 1, off, jb.kept * jb.taps, jb.w + g * jb.kept * jb.taps * jb.N + c0,
                        jb.N, jb.bias ? jb.bias + k0 : nullptr, outp, width, nullptr, false);
@@ -1029,11 +1037,8 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
     const int64_t f0 = i * jb.L / jb.ntile_img, f1 = (i + 1) * jb.L / jb.ntile_img;
     const int64_t P = f1 - f0;
     const float* xb = jb.x + b * jb.bs + f0 * jb.ld;
-    // output chunks: two full vectors, one full vector, or one masked remainder vector
     for (int64_t c0 = 0; c0 < jb.N;) {
-      const int64_t left = jb.N - c0;
-      const int64_t kind = left >= 2 * W ? 1 : left >= W ? 0 : 2;
-      const int64_t width = kind == 1 ? 2 * W : std::min<int64_t>(left, W);
+      const auto [kind, width] = ov_chunk(jb.N - c0);
       const int64_t k0 = g * jb.N + c0;
       for (int64_t p = 0; p < P; ++p) {
         const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
