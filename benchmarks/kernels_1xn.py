@@ -86,7 +86,8 @@ class Row:
 
 
 def bench_layer(
-    layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int, warm: bool = False
+    layer: Layer, batch: int, threads: int, ns, sparsities, repeats: int, warm: bool = False,
+    shuffle: bool = True,
 ) -> list[Row]:
     """Time one layer dense (NCHW and channels_last) and at every (N, sparsity), interleaved."""
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def bench_layer(
     mods = [onexn.Conv2d1xN.from_dense(conv, mask_1xn(w, n, sp), n) for n, sp in cases]
     fns = [lambda: F.conv2d(x, w, b, *args), lambda: F.conv2d(xc, wc, b, *args)]
     fns += [lambda m=m: m(x) for m in mods]
-    rounds = onexn.time_rounds(fns, repeats=repeats, warm=warm)
+    rounds = onexn.time_rounds(fns, repeats=repeats, warm=warm, shuffle=shuffle)
     t_nchw, t_cl = statistics.median(rounds[0]), statistics.median(rounds[1])
     dense = rounds[0] if t_nchw <= t_cl else rounds[1]
     rows = []
@@ -222,8 +223,10 @@ def bar_table(rows: list[Row], n: int = 16) -> str:
 
 NOTES = """## How it was measured
 
-- Every round times dense NCHW, dense channels_last and each sparse module once, in turn;
-  11 rounds after 3 warm-up rounds (`--repeats`). Times are medians; a speedup is the median over
+- Every round times dense NCHW, dense channels_last and each sparse module once, in a new
+  seeded random order per round (`--no-shuffle`: fixed order; then the case right after dense
+  channels_last ran up to 1.6x slower, even with `--warm`); 11 rounds after 3 warm-up rounds
+  (`--repeats`). Times are medians; a speedup is the median over
   rounds of (faster dense time / sparse time) in the same round, which cancels slow load changes.
 - The machine is a 2-vCPU VM shared with other sessions (and, judging by dense times that drift
   by up to 40% between runs, with other VMs). The run waited for the CPUs to be idle before each
@@ -272,6 +275,10 @@ def main(argv: list[str] | None = None) -> None:
         help="'idle' means all CPUs busy below this fraction (default: 0.1, or 0.55 for 1 thread)",
     )  # fmt: skip
     ap.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_false",
+        help="time the functions in the same order every round (default: seeded random order)",
+    )  # fmt: skip
+    ap.add_argument(
         "--warm", action="store_true",
         help="run each function once, untimed, right before each of its timed calls",
     )  # fmt: skip
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                 limit = a.quiet_busy or (0.55 if threads == 1 else 0.1)
                 if a.wait_quiet and not wait_quiet(a.wait_quiet, limit):
                     print(f"warning: machine busy while timing {layer.name}", flush=True)
-                new = bench_layer(layer, batch, threads, ns, sps, a.repeats, a.warm)
+                new = bench_layer(layer, batch, threads, ns, sps, a.repeats, a.warm, a.shuffle)
                 for r in new:
                     _print_row(r)
                 rows += new

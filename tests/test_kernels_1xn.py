@@ -433,3 +433,21 @@ def test_backward_through_fused_epilogue():
     assert torch.allclose(r2.grad, r2d.grad, rtol=1e-4, atol=1e-6)
     assert torch.allclose(sp.values.grad, onexn.pack_1xn(wd.grad, sp.indices, 8), atol=1e-5)
     assert r.grad.abs().sum() > 0 and (r.grad == 0).any()  # the ReLU really masked some
+
+
+def test_time_rounds_order_and_counts():
+    """Plain rounds keep the order; shuffled rounds vary it (seeded) and still file every time
+    under its own function; `warm` adds one untimed call before each timed one."""
+    calls: list[int] = []
+    fns = [lambda i=i: calls.append(i) for i in range(4)]
+    t = onexn.time_rounds(fns, warmup=1, repeats=6)
+    assert [len(ts) for ts in t] == [6] * 4 and calls == list(range(4)) * 7
+    calls.clear()
+    t = onexn.time_rounds(fns, warmup=0, repeats=6, shuffle=True, warm=True)
+    assert [len(ts) for ts in t] == [6] * 4 and len(calls) == 48
+    rounds = [tuple(calls[k:k + 8:2]) for k in range(0, 48, 8)]
+    assert all(sorted(r) == [0, 1, 2, 3] for r in rounds) and len(set(rounds)) > 1
+    assert all(calls[k] == calls[k + 1] for k in range(0, 48, 2))  # warm call, then timed call
+    calls.clear()
+    onexn.time_rounds(fns, warmup=0, repeats=6, shuffle=True, warm=True)
+    assert [tuple(calls[k:k + 8:2]) for k in range(0, 48, 8)] == rounds  # seeded

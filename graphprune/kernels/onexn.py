@@ -675,7 +675,11 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 15) -> flo
 
 
 def time_rounds(
-    fns: Sequence[Callable[[], object]], warmup: int = 3, repeats: int = 15, warm: bool = False
+    fns: Sequence[Callable[[], object]],
+    warmup: int = 3,
+    repeats: int = 15,
+    warm: bool = False,
+    shuffle: bool = False,
 ) -> list[list[float]]:
     """Wall times (ms) of each function over ``repeats`` rounds; every round runs each once.
 
@@ -683,20 +687,29 @@ def time_rounds(
     stay meaningful on a shared machine. ``warm``: every timed call comes right after an
     untimed call of the same function, so each finds its own input (and weights) as warm in
     the caches as a layer does after the previous layer wrote its input; plain rounds instead
-    favour whichever function follows another one that read the same input.
+    favour whichever function follows another one that read the same input. ``shuffle``: each
+    round runs the functions in a new (seeded) random order, so no function always runs right
+    after the same other one (on this project's VMs the function right after a dense oneDNN conv
+    ran up to 1.6x slower, even warm); ``times[i][r]`` is still function i in round r.
     """
+    import random
+
     times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    rng = random.Random(0)
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in fns:
                 fn()
         for _ in range(repeats):
-            for fn, ts in zip(fns, times):
+            if shuffle:
+                rng.shuffle(order)
+            for j in order:
                 if warm:
-                    fn()
+                    fns[j]()
                 t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
+                fns[j]()
+                times[j].append((time.perf_counter() - t0) * 1e3)
     return times
 
 
