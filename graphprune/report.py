@@ -64,7 +64,8 @@ def sparsity_table(rep) -> str:
     if rep.get("fused"):
         tail += f"; {rep['fused']} layers absorbed BatchNorm / residual add / ReLU"
     if rep.get("pools_channels_last"):
-        tail += f"; {len(rep['pools_channels_last'])} max-pools run in channels_last"
+        k = len(rep["pools_channels_last"])
+        tail += f"; {k} max-pool{'s' if k != 1 else ''} run in channels_last"
     if rep.get("permutation"):
         tail += f"; {rep['permutation']}"
     return render(t) + tail + "\n" + (f"check: {rep['verify']}\n" if rep.get("verify") else "")

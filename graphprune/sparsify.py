@@ -114,8 +114,9 @@ def sparsify(
     out, how = sparse_ops(gm, plan)
     checks = []
     if verify and plan:
-        checks.append(verify_against(out, mask_dense(gm, plan), tr.args, tr.kwargs, rtol32=1e-4,
-                                     rtol64=1e-9, what="sparsified model"))
+        checks.append(("sparse vs masked dense oracle",
+                       verify_against(out, mask_dense(gm, plan), tr.args, tr.kwargs, rtol32=1e-4,
+                                      rtol64=1e-9, what="sparsified model")))
     fused, pools = {}, []
     if fuse:
         unfused = out
@@ -125,8 +126,9 @@ def sparsify(
         if verify and (fused or pools):
             # its own oracle: the model before fusion. Folded BatchNorm weights are float32
             # products, ~1e-7 off each; through a deep net that is ~1e-6 (a wrong fold: ~1)
-            checks.append(verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,
-                                         rtol64=1e-4, what="BN-folded / epilogue-fused model"))
+            checks.append(("fused vs unfused",
+                           verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,
+                                          rtol64=1e-4, what="BN-folded / epilogue-fused model")))
     for r in report:
         if r["node"] in how:
             r["held_as"] = how[r["node"]]
@@ -141,7 +143,7 @@ def sparsify(
            "kept_magnitude": kept / total if total else 1.0, "permutation": perm_note,
            "fused": len(fused), "pools_channels_last": pools}
     if checks:
-        rep["verify"] = "; ".join(str(v) for v in checks)
+        rep["verify"] = "; ".join(f"{what}: {v}" for what, v in checks)
     from .report import SparsityReport
 
     out.graphprune_report = SparsityReport(rep)

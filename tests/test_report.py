@@ -21,5 +21,5 @@ def test_sparsity_summary_lists_layers_and_reasons():
     text = rep.summary()
     assert "0 " in text and "2 " in text  # both layers (module names "0" and "2") are listed
     assert "C_out=10 is not a multiple of N=16" in text  # the dense layer says why
-    assert "1 of 2 layers sparsified" in text and "check: verified" in text
+    assert "1 of 2 layers sparsified" in text and "check: sparse vs masked dense oracle: verified" in text
     assert json.loads(json.dumps(rep))["sparsified"] == 1
