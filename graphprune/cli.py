@@ -472,6 +472,10 @@ def _cmd_bench(args) -> int:
     from .verify import max_rel_error
 
     threads = args.threads or torch.get_num_threads()
+    if args.malloc == "pinned":
+        from .cost import pin_malloc
+
+        pin_malloc()  # else big activations page-fault on some calls (see cost.pin_malloc)
     model_a, x = _load(args.model_a, args.input)
     others = [load_spec(spec)[0] for spec in args.others]
     diffs = []
@@ -589,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=30)
     s.add_argument("--warmup", type=int, default=5)
     s.add_argument("--threads", type=int, help="default: torch's current count")
+    s.add_argument("--malloc", choices=["pinned", "default"], default="pinned",
+                   help="pinned: fix glibc's malloc thresholds first, as `table measure` does")
     s.add_argument("--no-check", dest="check", action="store_false",
                    help="do not compare the outputs")
     s.add_argument("--json", action="store_true")
