@@ -429,7 +429,8 @@ def _cmd_sparsify(args) -> int:
         model = modulize(model)
     fast = gp.sparsify(model, x, pattern=args.pattern, sparsity=args.sparsity,
                        check_speed=args.check_speed, threads=args.threads,
-                       skip=tuple(args.skip), verify=args.verify, fuse=args.fuse)
+                       skip=tuple(args.skip), verify=args.verify, fuse=args.fuse,
+                       keep_first_last=args.keep_first_last)
     rep = dict(fast.graphprune_report)
     if args.out:
         rep["out"] = str(gp.save(fast, args.out, x))
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-check-speed", dest="check_speed", action="store_false",
                    help="sparsify layers even where the kernel is slower than dense")
     s.add_argument("--skip", action="append", default=[], help="layer left dense (repeatable)")
+    s.add_argument("--keep-first-last", action="store_true",
+                   help="leave the first and the last conv/linear dense")
     s.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep BatchNorm / add / ReLU as separate ops (no folding, no epilogues)")
     s.add_argument("--no-verify", dest="verify", action="store_false")

@@ -78,13 +78,16 @@ def sparsify(
     leaf_modules=(),
     permute: bool = True,
     fuse: bool = True,
+    keep_first_last: bool = False,
 ) -> fx.GraphModule:
     """Sparsify every eligible conv/linear layer; returns a GraphModule with `.graphprune_report`.
 
     pattern "1xN": uniform 1xN blocks at `sparsity` (fraction of input channels removed per group
     of N outputs); layers where the kernel is measured slower than dense stay dense when
     `check_speed`. pattern "2:4": 2 of every 4 weights along the reduction axis (sparsity fixed at
-    0.5). `skip`: module names left dense. `fuse`: fold eval-mode BatchNorm into the conv before
+    0.5). `skip`: module names left dense; `keep_first_last`: also the first and the last
+    conv/linear (as `BlockPruner` does by default — a stem conv over 3 RGB channels keeps 1 of
+    them at 75%). `fuse`: fold eval-mode BatchNorm into the conv before
     it and fuse residual add + ReLU into the 1xN kernels (numerics: float rounding only, checked
     by the verification), and run large NCHW max-pools in channels_last (`pool_layout`: exact,
     2-5x faster pools). The user's model is not modified.
@@ -99,8 +102,12 @@ def sparsify(
     tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="fx")
     gm = tr.gm
     report, plan = [], []
-    for node, mod in _layers(gm):
-        why = "skipped by the user" if node.target in skip else _why_not(mod, kind, n)
+    layers = list(_layers(gm))
+    edges = {layers[0][0].target, layers[-1][0].target} if keep_first_last and layers else set()
+    for node, mod in layers:
+        why = ("skipped by the user" if node.target in skip
+               else "first/last layer kept dense (keep_first_last)" if node.target in edges
+               else _why_not(mod, kind, n))
         entry = {"layer": node.target, "node": node.name, "shape": list(mod.weight.shape)}
         if not why and kind == "1xN" and check_speed:
             why = _slower(mod, node, n, sparsity, threads)

@@ -116,3 +116,18 @@ def test_permutation_keeps_function_and_raises_kept_magnitude():
     s2 = gp.sparsify(m, x, pattern="2:4", permute=True)
     assert s2.graphprune_report["kept_magnitude"] > s1.graphprune_report["kept_magnitude"]
     assert "verified" in s2.graphprune_report["permutation"]
+
+
+def test_keep_first_last_leaves_the_edge_layers_dense():
+    """keep_first_last=True (BlockPruner's default) keeps the stem conv and the classifier dense
+    and says why; the layers between are sparsified as before."""
+    from graphprune.zoo import resnet50
+
+    x = torch.randn(1, 3, 64, 64)
+    s = gp.sparsify(resnet50().eval(), (x,), pattern="1x8", sparsity=0.5, check_speed=False,
+                    keep_first_last=True)  # fmt: skip
+    rep = {r["layer"]: r for r in s.graphprune_report["layers"]}
+    assert rep["conv1"]["pattern"] == "dense" and "keep_first_last" in rep["conv1"]["why"]
+    assert rep["fc"]["pattern"] == "dense" and "keep_first_last" in rep["fc"]["why"]
+    assert rep["layer1.0.conv1"]["pattern"] == "1x8"
+    assert s.graphprune_report["sparsified"] == len(rep) - 2
