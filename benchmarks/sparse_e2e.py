@@ -9,6 +9,10 @@ variant here: oneDNN's NHWC convs and max-pool are faster than NCHW ones); the s
 and `pool_layout` runs the stem max-pool in channels_last.
 
     python benchmarks/sparse_e2e.py [--batch 1 8] [--threads 1 2] [--pin-malloc] [--no-speed-check]
+    python benchmarks/sparse_e2e.py --model vit_b16 ...   # ViT-B/16: Linear1xN, no BN to fold
+
+For ViT-B/16 the two BN-folded columns are not printed (it has LayerNorms, nothing to fold, and
+its activations after the patch embedding are 3-D, so there is no channels_last variant).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 import graphprune as gp
 from graphprune import cost as C
 from graphprune.kernels import onexn
-from graphprune.zoo import resnet50
+from graphprune.zoo import resnet50, vit_b16
 
 
 def main():
@@ -35,6 +39,7 @@ def main():
     ap.add_argument("--pattern", default="1x16")
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--model", choices=["resnet50", "vit_b16"], default="resnet50")
     ap.add_argument("--no-speed-check", action="store_true")
     ap.add_argument("--pin-malloc", action="store_true",
                     help="fix glibc malloc thresholds first (cost.pin_malloc: no page faults)")
@@ -42,18 +47,25 @@ def main():
     if args.pin_malloc:
         print("# malloc pinned:", C.pin_malloc())
     torch.manual_seed(0)
-    model = resnet50().eval()
-    folded = fx_fuse(model)
-    folded_cl = fx_fuse(model).to(memory_format=torch.channels_last)
-    print(f"# {args.pattern} at {args.sparsity:.0%} end to end, ResNet-50 @224 — "
+    cnn = args.model == "resnet50"
+    model = (resnet50() if cnn else vit_b16()).eval()
+    if cnn:
+        folded = fx_fuse(model)
+        folded_cl = fx_fuse(model).to(memory_format=torch.channels_last)
+    print(f"# {args.pattern} at {args.sparsity:.0%} end to end, {args.model} @224 — "
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"kernel: {'C++ ' + onexn.isa() if onexn.available() else 'reference (no C++)'}; "
           f"median of {args.rounds} alternating rounds")
-    print("| batch | threads | layers sparse / dense | dense ms | dense BN-folded ms | "
-          "dense BN-folded channels_last ms | sparse ms (kernels only) | "
-          "sparse ms (default: + fusion, pool layout) | speedup vs dense | vs BN-folded | "
-          "vs BN-folded channels_last |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if cnn:
+        print("| batch | threads | layers sparse / dense | dense ms | dense BN-folded ms | "
+              "dense BN-folded channels_last ms | sparse ms (kernels only) | "
+              "sparse ms (default: + fusion, pool layout) | speedup vs dense | vs BN-folded | "
+              "vs BN-folded channels_last |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| batch | threads | layers sparse / dense | dense ms | sparse ms (kernels only) | "
+              "sparse ms (default: + fusion) | speedup vs dense |")
+        print("|---|---|---|---|---|---|---|")
     for b in args.batch:
         x = torch.randn(b, 3, 224, 224)
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -65,6 +77,13 @@ def main():
             fused = gp.sparsify(model, (x,), **kw)
             rep = fused.graphprune_report
             n_dense = sum(1 for r in rep["layers"] if r["pattern"] == "dense")
+            if not cnn:
+                fns = [lambda m=m, x=x: m(x) for m in (model, plain, fused)]
+                d, p, s = (statistics.median(ts) for ts in
+                           onexn.time_rounds(fns, warmup=3, repeats=args.rounds))
+                print(f"| {b} | {t} | {rep['sparsified']} / {n_dense} | {d:.1f} | {p:.1f} | "
+                      f"{s:.1f} | **{d / s:.2f}x** |")
+                continue
             fns = [lambda m=m, x=x: m(x) for m in (model, folded)]
             fns.append(lambda x_cl=x_cl: folded_cl(x_cl))
             fns += [lambda m=m, x=x: m(x) for m in (plain, fused)]
