@@ -27,20 +27,28 @@ from graphprune.optable import op_key
 
 __all__ = ["fuse_epilogue"]
 
-# op -> its role in an epilogue; "add_" mutates its first argument
+aten = torch.ops.aten
+
+# op -> its role in an epilogue ("add_" mutates its first argument); the aten spellings are what
+# torch.export graphs (a saved .pt2, after `modulize`) contain
 _EPILOGUE: dict = {
     nn.BatchNorm2d: "bn",
+    aten.batch_norm.default: "bn",
     operator.add: "add",
     torch.add: "add",
     "method:add": "add",
+    aten.add.Tensor: "add",
     operator.iadd: "add_",
     "method:add_": "add_",
+    aten.add_.Tensor: "add_",
     nn.ReLU: "relu",
     F.relu: "relu",
     torch.relu: "relu",
     torch.relu_: "relu",
     "method:relu": "relu",
     "method:relu_": "relu",
+    aten.relu.default: "relu",
+    aten.relu_.default: "relu",
 }
 
 
@@ -64,6 +72,31 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _bn_stats(gm: fx.GraphModule, bn_node: fx.Node, calls: dict):
+    """(weight, bias, running_mean, running_var, eps) of an eval-mode BN node, else None."""
+    from graphprune.passes._common import get_tensor
+
+    if bn_node.op == "call_module":
+        if len(bn_node.args) > 1 or bn_node.kwargs or calls.get(bn_node.target, 0) != 1:
+            return None
+        bn = gm.get_submodule(bn_node.target)
+        if bn.training or bn.running_mean is None:
+            return None
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+    # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, _)
+    a = list(bn_node.args) + [None] * (9 - len(bn_node.args))
+    if bn_node.kwargs or a[5] is not False or not isinstance(a[7], float):
+        return None
+    consts = []
+    for v in a[1:5]:
+        if v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr"):
+            return None
+        consts.append(None if v is None else get_tensor(gm, v.target))
+    if consts[2] is None or consts[3] is None:
+        return None
+    return (*consts, a[7])
+
+
 def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
     """conv -> BN (eval) into one conv; True when folded."""
     from graphprune.kernels.onexn import Conv2d1xN
@@ -71,19 +104,18 @@ def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
     bn_node = _only_user(layer)
     if bn_node is None or _role(gm, bn_node) != "bn" or bn_node.args[:1] != (layer,):
         return False
-    if len(bn_node.args) > 1 or bn_node.kwargs or calls.get(bn_node.target, 0) != 1:
-        return False
-    bn = gm.get_submodule(bn_node.target)
+    stats = _bn_stats(gm, bn_node, calls)
     mod = gm.get_submodule(layer.target)
-    if bn.training or bn.running_mean is None or bn.num_features != mod.out_channels:
+    if stats is None or stats[2].numel() != mod.out_channels:
         return False
+    weight, bias, mean, var, eps = stats
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias
         if isinstance(mod, Conv2d1xN):
             g, kept, tn = mod.values.shape
             s = scale.to(mod.values.dtype).reshape(g, 1, 1, mod.n)
@@ -91,12 +123,20 @@ def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
             old = mod.bias.detach() if mod.bias is not None else torch.zeros_like(scale)
             mod.bias = nn.Parameter((old * scale + shift).to(mod.values.dtype))
         else:
-            from torch.nn.utils.fusion import fuse_conv_bn_eval
-
+            new = copy.deepcopy(mod)
+            w = new.weight.detach() * scale.to(new.weight.dtype).reshape(-1, 1, 1, 1)
+            old = new.bias.detach() if new.bias is not None else torch.zeros_like(scale)
+            new.weight = nn.Parameter(w, requires_grad=mod.weight.requires_grad)
+            new.bias = nn.Parameter((old * scale + shift).to(w.dtype),
+                                    requires_grad=mod.weight.requires_grad)  # fmt: skip
             prefix, _, attr = layer.target.rpartition(".")
-            setattr(gm.get_submodule(prefix) if prefix else gm, attr, fuse_conv_bn_eval(mod, bn))
+            setattr(gm.get_submodule(prefix) if prefix else gm, attr, new)
+    consts = [v for v in bn_node.args[1:] if isinstance(v, fx.Node)]
     bn_node.replace_all_uses_with(layer)
     gm.graph.erase_node(bn_node)
+    for v in consts:  # an export graph's BN constants, now unused
+        if v.op == "get_attr" and not v.users:
+            gm.graph.erase_node(v)
     return True
 
 

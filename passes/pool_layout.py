@@ -31,6 +31,7 @@ _POOLS: dict = {
     nn.MaxPool2d: "module",
     F.max_pool2d: "function",
     torch.max_pool2d: "function",
+    torch.ops.aten.max_pool2d.default: "function",  # torch.export graphs (a saved .pt2)
 }
 _ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,

@@ -252,3 +252,24 @@ def test_resnet50_stem_pool_runs_channels_last():
     s = _sparsify(_random_bn(resnet50()), torch.randn(2, 3, 64, 64))
     assert len(s.graphprune_report["pools_channels_last"]) == 1
     assert "MaxPool2d" not in _kinds(s)
+
+
+def test_saved_program_fuses_like_the_module(tmp_path):
+    """A saved .pt2 (aten batch_norm / add_ / relu_ / max_pool2d, as `graphprune sparsify
+    slim.pt2` sees it after `modulize`) folds and fuses exactly like the nn.Module model."""
+    from graphprune.backend import modulize
+    from graphprune.cli import _from_pt2
+
+    model = _random_bn(resnet50())
+    x = torch.randn(1, 3, 64, 64)
+    gp.save(model, tmp_path / "r50.pt2", (x,))
+    gm, _ = _from_pt2(str(tmp_path / "r50.pt2"))
+    s = _sparsify(modulize(gm), x)
+    rep = s.graphprune_report
+    kinds = _kinds(s)
+    assert rep["fused"] == 53 and len(rep["pools_channels_last"]) == 1
+    assert not any(k.startswith(("batch_norm", "relu", "add", "max_pool2d.")) for k in kinds), \
+        set(kinds)
+    with torch.no_grad():
+        ref = _sparsify(model, x)(x)
+        torch.testing.assert_close(s(x), ref, rtol=1e-4, atol=1e-5)
