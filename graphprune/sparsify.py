@@ -99,8 +99,12 @@ def sparsify(
     perm_note = ""
     if permute:
         model, perm_note = _permuted(model, example_inputs, kind, leaf_modules)
-    tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="fx")
+    tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="auto")
     gm = tr.gm
+    if tr.kind == "export":  # aten conv/linear with constant weights -> modules the passes see
+        from .backend import modulize
+
+        gm = modulize(gm)
     report, plan = [], []
     layers = list(_layers(gm))
     edges = {layers[0][0].target, layers[-1][0].target} if keep_first_last and layers else set()

@@ -131,3 +131,19 @@ def test_keep_first_last_leaves_the_edge_layers_dense():
     assert rep["fc"]["pattern"] == "dense" and "keep_first_last" in rep["fc"]["why"]
     assert rep["layer1.0.conv1"]["pattern"] == "1x8"
     assert s.graphprune_report["sparsified"] == len(rep) - 2
+
+
+@pytest.mark.parametrize("name", ["hf_resnet", "hf_bert", "hf_mobilenet_v2", "hf_vit"])
+def test_hugging_face_models_sparsify_through_export(name):
+    """Models plain fx cannot trace (Hugging Face) are traced with torch.export, their aten
+    conv/linear calls become modules, and they sparsify, fuse and verify like any other."""
+    pytest.importorskip("transformers")
+    from graphprune import hf_zoo
+
+    model, inputs = getattr(hf_zoo, name)()
+    s = gp.sparsify(model.eval(), inputs, pattern="1x16", sparsity=0.5, check_speed=False)
+    rep = s.graphprune_report
+    assert rep["sparsified"] >= 6
+    assert rep["verify"].startswith("sparse vs masked dense oracle: verified")
+    if name in ("hf_resnet", "hf_mobilenet_v2"):  # BatchNorm models: folded, and checked
+        assert rep["fused"] > 0 and "fused vs unfused: verified" in rep["verify"]
