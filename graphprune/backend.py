@@ -445,7 +445,7 @@ class SparseLayer:
 def _conv_targets():
     import torch.nn.functional as F
 
-    return {F.conv2d, torch.ops.aten.conv2d.default}
+    return {F.conv2d, torch.ops.aten.conv2d.default, torch.ops.aten.conv2d.padding}
 
 
 def _linear_targets():

@@ -57,6 +57,13 @@ def _why_not(mod: nn.Module, kind: str, n: int) -> str:
         return "grouped/depthwise conv stays dense"
     if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
         return f"padding_mode={mod.padding_mode!r} not supported"
+    if isinstance(mod, nn.Conv2d) and kind == "1xN" and isinstance(mod.padding, str):
+        from .kernels.onexn import _explicit_padding
+
+        try:
+            _explicit_padding(mod)
+        except ValueError as e:
+            return f"padding={mod.padding!r} here is asymmetric ({e})"
     k, c = mod.weight.shape[0], mod.weight.shape[1]
     if kind == "1xN" and k % n:
         return f"C_out={k} is not a multiple of N={n}"
