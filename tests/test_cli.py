@@ -142,3 +142,22 @@ def test_flags_map_onto_prune_config():
     assert set(CONFIG_FLAGS) | {"target", "verify"} == fields - not_cli
     flags = [flag for flag, _, _ in CONFIG_FLAGS.values()]
     assert len(flags) == len(set(flags))
+
+
+def test_sparsify_fusion_flags(work, capsys):
+    """`sparsify` fuses by default (the first conv absorbs its BN and ReLU), `--no-fuse` keeps
+    them apart, `--keep-first-last` leaves the first conv and the last linear dense."""
+    args = ["sparsify", "tiny.py:small", "--input", SHAPE, "--pattern", "1x8", "--sparsity", "0.5",
+            "--no-check-speed", "--json"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    layers = {r["layer"]: r for r in json.loads(out)["layers"]}
+    assert layers["0"]["fused"] == "bn+relu" and layers["3"]["fused"] == "relu"
+    code, out, err = run(capsys, *args, "--no-fuse")
+    assert code == 0, err
+    assert not json.loads(out)["fused"]
+    code, out, err = run(capsys, *args, "--keep-first-last")
+    assert code == 0, err
+    layers = {r["layer"]: r for r in json.loads(out)["layers"]}
+    assert layers["0"]["pattern"] == layers["7"]["pattern"] == "dense"
+    assert layers["3"]["pattern"] == "1x8"
