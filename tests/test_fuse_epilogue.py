@@ -173,8 +173,9 @@ def test_fused_model_exports_and_compiles():
         ep = torch.export.export(s, (x,))
         assert "graphprune.conv2d_1xn" in str(ep.graph)
         assert torch.allclose(ep.module()(x), want, rtol=1e-5, atol=1e-6)
-        comp = torch.compile(s, backend="aot_eager")
-        assert torch.allclose(comp(x), want, rtol=1e-5, atol=1e-6)
+        for backend in ("aot_eager", "inductor"):
+            comp = torch.compile(s, backend=backend)
+            assert torch.allclose(comp(x), want, rtol=1e-5, atol=1e-6), backend
 
 
 def test_reference_path_gives_the_same_numbers():
