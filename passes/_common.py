@@ -10,7 +10,7 @@ import torch.nn as nn
 from graphprune.analysis import Analysis
 from graphprune.tmap import TMap, compacted_shape
 
-__all__ = ["get_tensor", "set_tensor", "Live"]
+__all__ = ["get_tensor", "set_tensor", "node_val", "Live"]
 
 
 def get_tensor(root: nn.Module, name: str):
@@ -18,6 +18,15 @@ def get_tensor(root: nn.Module, name: str):
     for part in name.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def node_val(node):
+    """A node's shape/dtype record (``meta["val"]``, else ``meta["tensor_meta"]``); None when it
+    has neither or is not a node."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("val", node.meta.get("tensor_meta"))
+    return v if hasattr(v, "shape") and hasattr(v, "dtype") else None
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor, like) -> None:

@@ -22,8 +22,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from graphprune.optable import op_key
+
+from ._common import get_tensor, node_val
 
 __all__ = ["fuse_epilogue"]
 
@@ -62,11 +65,6 @@ def _role(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None
 
 
-def _val(node: fx.Node):
-    v = node.meta.get("val", node.meta.get("tensor_meta"))
-    return v if hasattr(v, "shape") and hasattr(v, "dtype") else None
-
-
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -74,8 +72,6 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 def _bn_stats(gm: fx.GraphModule, bn_node: fx.Node, calls: dict):
     """(weight, bias, running_mean, running_var, eps) of an eval-mode BN node, else None."""
-    from graphprune.passes._common import get_tensor
-
     if bn_node.op == "call_module":
         if len(bn_node.args) > 1 or bn_node.kwargs or calls.get(bn_node.target, 0) != 1:
             return None
@@ -110,13 +106,9 @@ def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
         return False
     weight, bias, mean, var, eps = stats
     with torch.no_grad():
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        if isinstance(mod, Conv2d1xN):
+        if isinstance(mod, Conv2d1xN):  # values [G, kept, taps * N]: scale output g*N + n
+            scale = torch.rsqrt(var + eps) * (1.0 if weight is None else weight)
+            shift = (0.0 if bias is None else bias) - mean * scale
             g, kept, tn = mod.values.shape
             s = scale.to(mod.values.dtype).reshape(g, 1, 1, mod.n)
             mod.values.copy_((mod.values.reshape(g, kept, tn // mod.n, mod.n) * s).reshape(g, kept, tn))
@@ -124,11 +116,9 @@ def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
             mod.bias = nn.Parameter((old * scale + shift).to(mod.values.dtype))
         else:
             new = copy.deepcopy(mod)
-            w = new.weight.detach() * scale.to(new.weight.dtype).reshape(-1, 1, 1, 1)
-            old = new.bias.detach() if new.bias is not None else torch.zeros_like(scale)
-            new.weight = nn.Parameter(w, requires_grad=mod.weight.requires_grad)
-            new.bias = nn.Parameter((old * scale + shift).to(w.dtype),
-                                    requires_grad=mod.weight.requires_grad)  # fmt: skip
+            new.weight, new.bias = fuse_conv_bn_weights(new.weight, new.bias, mean, var, eps,
+                                                        weight, bias)  # fmt: skip
+            new.bias.requires_grad_(mod.weight.requires_grad)
             prefix, _, attr = layer.target.rpartition(".")
             setattr(gm.get_submodule(prefix) if prefix else gm, attr, new)
     consts = [v for v in bn_node.args[1:] if isinstance(v, fx.Node)]
@@ -152,7 +142,7 @@ def _fuse_add(gm: fx.GraphModule, layer: fx.Node) -> bool:
     r = b if a is layer else a
     if not isinstance(r, fx.Node) or r is layer:
         return False
-    lv, rv = _val(layer), _val(r)
+    lv, rv = node_val(layer), node_val(r)
     if lv is None or rv is None or tuple(lv.shape) != tuple(rv.shape) or lv.dtype != rv.dtype:
         return False
     add.prepend(layer)  # after r, which comes before the add

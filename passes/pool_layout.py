@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from graphprune.optable import op_key
 
+from ._common import node_val
+
 __all__ = ["pool_layout", "max_pool2d_cl", "MIN_ELEMENTS"]
 
 MIN_ELEMENTS = 1 << 16
@@ -66,8 +68,8 @@ def _pool_args(gm: fx.GraphModule, node: fx.Node) -> dict | None:
 
 
 def _nchw_float_cpu(node) -> bool:
-    v = node.meta.get("val", node.meta.get("tensor_meta")) if isinstance(node, fx.Node) else None
-    if v is None or len(getattr(v, "shape", ())) != 4 or v.dtype not in (torch.float32,):
+    v = node_val(node)
+    if v is None or len(v.shape) != 4 or v.dtype != torch.float32:
         return False
     dev = torch.device(getattr(v, "device", "cpu"))  # trace() keeps shapes as "meta" tensors
     if dev.type not in ("cpu", "meta") or v.shape.numel() < MIN_ELEMENTS:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import statistics
 import threading
 import time
@@ -341,18 +342,20 @@ def linear_1xn(
     mod = _cpp_for(x, values, bias, residual)
     if mod is None:
         return linear_1xn_reference(x, values, indices, bias, n, residual, relu)
-    lead = x.shape[:-1]
-    _check_residual((*lead, values.shape[0] * n), residual)
-    y = mod.linear_1xn(
-        x.reshape(-1, x.shape[-1]),
-        values.contiguous(),
-        indices.to(torch.int32).contiguous(),
-        None if bias is None else bias.contiguous(),
-        n,
-        None if residual is None else residual.reshape(-1, residual.shape[-1]),
-        relu,
-    )
-    return y.reshape(*lead, y.shape[-1])
+    return _linear_ext(
+        mod, x, values.contiguous(), indices.to(torch.int32).contiguous(),
+        None if bias is None else bias.contiguous(), n, residual, relu,
+    )  # fmt: skip
+
+
+def _linear_ext(mod, x, values, indices, bias, n, residual, relu) -> Tensor:
+    """The extension's 2-D linear over the last dim of x, any leading dims (weights already
+    contiguous, indices int32)."""
+    k = values.shape[0] * n
+    _check_residual((*x.shape[:-1], k), residual)
+    r = None if residual is None else residual.reshape(-1, k)
+    y = mod.linear_1xn(x.reshape(-1, x.shape[-1]), values, indices, bias, n, r, relu)
+    return y.reshape(*x.shape[:-1], k)
 
 
 @linear_1xn.register_fake
@@ -386,7 +389,8 @@ def _conv_backward(ctx, grad: Tensor):
 
 def _with_residual_grad(ctx, grad: Tensor, grads: tuple) -> tuple:
     """Append the residual's gradient (``grad``, already through the ReLU: the residual is added
-    before it) and None for ``relu``."""
+    before it) and None for ``relu`` — when the caller passed them: unlike the inputs of the
+    setup, ``needs_input_grad`` covers only the arguments given (9 of 11 for a plain conv)."""
     extra = len(ctx.needs_input_grad) - len(grads)
     if extra <= 0:
         return grads
@@ -403,8 +407,8 @@ def _save_epilogue(ctx, x, values, indices, output, relu: bool) -> None:
 
 
 def _conv_setup(ctx, inputs, output):
-    x, values, indices, _bias, stride, padding, dilation, n, kernel_size = inputs[:9]
-    relu = bool(inputs[10]) if len(inputs) > 10 else False
+    # (defaults are bound: inputs always hold residual and relu)
+    x, values, indices, _bias, stride, padding, dilation, n, kernel_size, _res, relu = inputs
     _save_epilogue(ctx, x, values, indices, output, relu)
     ctx.args = dict(
         stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), n=n,
@@ -429,8 +433,8 @@ def _linear_backward(ctx, grad: Tensor):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, values, indices, _bias, n = inputs[:5]
-    _save_epilogue(ctx, x, values, indices, output, bool(inputs[6]) if len(inputs) > 6 else False)
+    x, values, indices, _bias, n, _res, relu = inputs
+    _save_epilogue(ctx, x, values, indices, output, relu)
     ctx.n = n
 
 
@@ -646,14 +650,8 @@ class Linear1xN(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         mod = _eager_ext(x, self.values, self.bias, residual)
         if mod is not None and x.dim() >= 1 and self.indices.dtype == torch.int32:
-            k = self.values.shape[0] * self.n
-            _check_residual((*x.shape[:-1], k), residual)
-            r = None if residual is None else residual.reshape(-1, k)
-            y = mod.linear_1xn(
-                x.reshape(-1, x.shape[-1]), self.values, self.indices, self.bias, self.n, r,
-                self.relu,
-            )  # fmt: skip
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return _linear_ext(mod, x, self.values, self.indices, self.bias, self.n, residual,
+                               self.relu)  # fmt: skip
         return torch.ops.graphprune.linear_1xn(
             x, self.values, self.indices, self.bias, self.n, residual, self.relu
         )
@@ -692,8 +690,6 @@ def time_rounds(
     after the same other one (on this project's VMs the function right after a dense oneDNN conv
     ran up to 1.6x slower, even warm); ``times[i][r]`` is still function i in round r.
     """
-    import random
-
     times: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
     rng = random.Random(0)
