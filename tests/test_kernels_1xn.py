@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 import warnings
 
@@ -20,6 +21,9 @@ from graphprune.kernels.masks import is_1xn, mask_1xn
 
 CPP = onexn.available()
 PATHS = ["cpp", "cpp-avx2", "reference"]
+# + the C++ kernel with the masked in-place mode forced on every stride-1 padded NCHW conv
+# (GP_1XN_MASKED=2; by default it runs only where its 3x3 fast path covers most of the image)
+CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked"]
 SETTINGS = settings(max_examples=50, deadline=None)
 
 
@@ -30,6 +34,16 @@ def _run_path(path: str, fn):
             return fn()
     if not CPP:
         pytest.skip("the 1xN C++ kernel is not available")
+    if path.endswith("-masked"):
+        old = os.environ.get("GP_1XN_MASKED")
+        os.environ["GP_1XN_MASKED"] = "2"
+        try:
+            return _run_path(path.removesuffix("-masked"), fn)
+        finally:
+            if old is None:
+                del os.environ["GP_1XN_MASKED"]
+            else:
+                os.environ["GP_1XN_MASKED"] = old
     if path == "cpp-avx2":
         with onexn.use_isa("avx2"):
             return fn()
@@ -53,7 +67,7 @@ def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
     return conv, mask, onexn.Conv2d1xN.from_dense(conv, mask, n)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", CONV_PATHS)
 @SETTINGS
 @given(
     batch=st.integers(1, 3),
@@ -150,6 +164,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
     """ResNet-like shapes (many tiles and macro tiles, 2 threads, channel blocks) match dense.
 
     GP_1XN_L1_KB=1 forces the smallest channel blocks, exercising partial-sum accumulation.
+    The 3x3 pad-1 layers at 56x56 and 14x14 take the masked in-place mode's 3x3 fast path on
+    most tiles (the 14x14 one only with the mode forced on: there it is off by default).
     """
     if l1_kb:
         monkeypatch.setenv("GP_1XN_L1_KB", l1_kb)
@@ -157,7 +173,7 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
     x = torch.randn(2, c, hw, hw)
     with torch.no_grad():
         ref = F.conv2d(x, sp.to_dense(), sp.bias, stride, pad)
-        for path in ("cpp", "reference"):
+        for path in ("cpp", "cpp-masked", "cpp-avx2", "reference"):
             assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
 
 
@@ -165,7 +181,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # the thread that uses it (row-block mode); GP_1XN_L2_KB=16 (with GP_1XN_SMALL_KB=0: even small
 # inputs count as too big for L2) makes units (tile runs / row blocks) as small as they get, so
 # images split into many units with ragged ends; GP_1XN_PF=1 / GP_1XN_PFD turn the next-unit
-# (L2) prefetch on / set the next-rows (L1) prefetch distance.
+# (L2) prefetch on / set the next-rows (L1) prefetch distance. GP_1XN_MASKED=2 reads every
+# stride-1 padded NCHW input in place through lane masks, =0 never (packed planes instead).
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -173,6 +190,8 @@ TILING = [
     {"GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16", "GP_1XN_PF": "1"},
     {"GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16", "GP_1XN_PFD": "0", "GP_1XN_ORDER": "0"},
     {"GP_1XN_FUSE_KB": "100000", "GP_1XN_ORDER": "1", "GP_1XN_PFD": "48"},
+    {"GP_1XN_MASKED": "2", "GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16"},
+    {"GP_1XN_MASKED": "0"},
 ]
 
 

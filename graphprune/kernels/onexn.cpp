@@ -10,7 +10,11 @@
 // positions with ow >= Wo are junk (computed, never stored). A stride-s conv is split into
 // s*s phase planes so every tap becomes a unit-stride read. A plain NCHW input with stride 1
 // and no padding is used in place; NHWC input of a 1x1/stride-1/pad-0 conv (and every linear
-// input) is read in place with ld = C.
+// input) is read in place with ld = C. Masked in-place mode: NCHW stride 1 with padding (the 3x3
+// convs of a ResNet) is also read in place, rows of W, with per-tap lane masks that load the
+// lanes whose tap falls in the padding as zeros: no copy and no junk columns; on tiles away from
+// the first and last rows only the left and right taps of a 3x3 mask (six masks per tile, kept
+// in registers).
 //
 // Two micro-kernels:
 //   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; writes NCHW in place (one
@@ -46,7 +50,9 @@
 // L3, as between layers), GP_1XN_FUSE_KB (planar copies above this size use row-block mode,
 // 1024), GP_1XN_RB_WKB (max weight bytes of all groups for row-block mode, 384), GP_1XN_ORDER
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
-// last pixel vector with at most this many pixels runs on the ov kernel; default W/2).
+// last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
+// GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the 3x3 fast path
+// covers at least 3/4 of the image's pixel vectors).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -148,6 +154,14 @@ struct Job {
   int64_t bs = 0, cs = 0, ld = 1;
   std::vector<int64_t> toff;        // flat offset of each tap
   std::vector<int64_t> tplane, trc; // planar input: toff[t] = tplane[t] * plane + trc[t]
+  // masked in-place mode (NCHW stride-1 conv with padding, read unpadded): bit k of
+  // mbits[v * taps + t] says whether lane k of pixel vector v (flat f = v*W + k) reads inside the
+  // image at tap t; the other lanes are loaded as zeros (the padding)
+  const uint16_t* mbits = nullptr;
+  std::vector<uint16_t> mbits_store;
+  // 3x3, pad 1, dilation 1, same size: simple3[v] when pixel vector v is full and only its left
+  // and right taps mask lanes, as on the middle row (no lane in the first or last row); else empty
+  std::vector<uint8_t> simple3;
   int64_t taps = 1, Wq = 1, L = 1;
   // weights
   const float* w = nullptr;
@@ -223,6 +237,12 @@ static inline VT vloadm_into(VT old, const float* p, MT m) {
   return _mm512_mask_loadu_ps(old, m, p);
 }
 static inline MT vmask_range(int64_t lo, int64_t hi) { return (MT)(vmask(hi) & ~vmask(lo)); }
+// lane k on where bit k of *p is set (kmovw from memory: a load, no port-5 uop)
+static inline MT bits_mask(const uint16_t* p) {
+  MT k;  // (gcc turns _load_mask16 into movzwl + kmovw from a GPR, a port-5 uop per load)
+  __asm__("kmovw %1, %0" : "=k"(k) : "m"(*p));
+  return k;
+}
 static inline void vstore(float* p, VT v) { _mm512_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm512_mask_storeu_ps(p, m, v); }
 static inline VT vfma(VT a, VT b, VT c) { return _mm512_fmadd_ps(a, b, c); }
@@ -255,6 +275,10 @@ static inline VT vloadm_into(VT old, const float* p, MT m) {
 }
 static inline MT vmask_range(int64_t lo, int64_t hi) {
   return _mm256_andnot_si256(vmask(lo), vmask(hi));
+}
+static inline MT bits_mask(const uint16_t* p) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)*p), bit), bit);
 }
 static inline void vstore(float* p, VT v) { _mm256_storeu_ps(p, v); }
 static inline void vstorem(float* p, VT v, MT m) { _mm256_maskstore_ps(p, m, v); }
@@ -328,7 +352,10 @@ static void plan_tiles(Job& job) {
   const int64_t ch_bytes = 4 * std::min(job.tile + span, job.tile * job.taps);
   job.jblock =
       std::max<int64_t>(8, env_int("GP_1XN_L1_KB", 24) * 1024 / std::max<int64_t>(1, ch_bytes));
-  job.tail_max = std::min<int64_t>(env_int("GP_1XN_TAIL", vec_width() / 2), ov_tile_px());
+  // (the ov tail reads unmasked: none in masked mode)
+  job.tail_max = job.mbits ? 0
+                           : std::min<int64_t>(env_int("GP_1XN_TAIL", vec_width() / 2),
+                                               ov_tile_px());
   const int64_t nth = std::max(1, at::get_num_threads());
   // A unit's activations (all channels) should stay in L2 while every group sweeps them, with
   // room for the next unit's rows being prefetched.
@@ -420,23 +447,77 @@ static void pack_units(const Pack& pk, int64_t lo, int64_t hi) {
     pack_nchw(pk, lo, hi);
 }
 
+// Lane masks of the masked in-place mode (see Job::mbits): lane (oh, ow) reads input pixel
+// (oh + r*dh - ph, ow + s*dw - pw) at tap (r, s), inside the image or not; junk columns and the
+// vectors past the last pixel (+ slack for a tile's unused vectors) read nothing.
+// Returns the fraction of pixel vectors the 3x3 fast path takes (simple3).
+static double build_mbits(Job& job, const Geom& g) {
+  const int64_t W = vec_width(), T = job.taps;
+  job.mbits_store.assign(((job.L + W - 1) / W + 8) * T, 0);
+  uint16_t* mb = job.mbits_store.data();
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t s = 0; s < g.S; ++s) {
+      const int64_t t = r * g.S + s, dr = r * g.dh - g.ph, dc = s * g.dw - g.pw;
+      const int64_t c_lo = std::max<int64_t>(0, -dc), c_hi = std::min(g.Wo, g.W - dc);
+      for (int64_t oh = 0; oh < g.Ho && c_lo < c_hi; ++oh) {
+        if (oh + dr < 0 || oh + dr >= g.H) continue;
+        for (int64_t f = oh * g.W + c_lo, end = oh * g.W + c_hi; f < end;) {
+          const int64_t k = f % W, n = std::min(W - k, end - f);
+          mb[f / W * T + t] |= (uint16_t)(((1u << n) - 1u) << k);
+          f += n;
+        }
+      }
+    }
+  job.mbits = mb;
+  job.simple3.clear();
+  int64_t n_simple = 0;
+  if (g.R == 3 && g.S == 3 && g.dh == 1 && g.dw == 1 && g.ph == 1 && g.pw == 1 && g.Ho == g.H &&
+      g.Wo == g.W) {
+    const int64_t nv = (int64_t)job.mbits_store.size() / T;
+    const uint16_t full = (uint16_t)((1u << W) - 1u);
+    job.simple3.assign(nv, 0);
+    for (int64_t v = 0; v < nv; ++v) {
+      const uint16_t* m = mb + v * T;
+      bool ok = m[4] == full;
+      for (int64_t t = 0; ok && t < 9; ++t) ok = m[t] == m[3 + t % 3];
+      job.simple3[v] = ok;
+      n_simple += ok;
+    }
+  }
+  return (double)n_simple / (double)((job.L + W - 1) / W);
+}
+
 // Point the job at the planar (padded, phase-split) view of x: x itself when it can be read in
 // place, else a new buffer that `pk` describes how to fill. Returns the tensor owning the memory.
 static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, Job& job,
-                                 Pack& pk, bool allow_rb = false) {
+                                 Pack& pk, bool pv = false) {
   const int64_t rmax = (g.R - 1) * g.dh, smax = (g.S - 1) * g.dw;
   job.ld = 1;
   job.toff.clear();
-  if (!x_cl && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0) {
+  job.mbits = nullptr;
+  const bool padded = g.ph > 0 || g.pw > 0;
+  // Stride 1 on NCHW is read in place, rows of W: without padding as is; with padding (pv only,
+  // output no wider than the input) through masked loads that read the padding as zeros -- no
+  // copy, and no junk columns when Wo == W. GP_1XN_MASKED: 0 never, 2 always, 1 (default) when
+  // the 3x3 fast path (see build_mbits) covers most of the image: the generic masked loop costs
+  // a mask load per vector and pair, which loses to the copy on small images (measured).
+  const int64_t masked = env_int("GP_1XN_MASKED", 1);
+  if (!x_cl && g.sh == 1 && g.sw == 1 && (!padded || (pv && g.Wo <= g.W && masked != 0))) {
     job.x = x.data_ptr<float>();
     job.Wq = g.W;
     job.cs = g.H * g.W;
     job.bs = g.C * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r)
-      for (int64_t s = 0; s < g.S; ++s) job.toff.push_back(r * g.dh * g.W + s * g.dw);
+      for (int64_t s = 0; s < g.S; ++s)
+        job.toff.push_back((r * g.dh - g.ph) * g.W + s * g.dw - g.pw);
     job.L = (g.Ho - 1) * job.Wq + g.Wo;
-    pk.units = 0;
-    return x;
+    if (!padded || build_mbits(job, g) >= 0.75 || masked == 2) {
+      pk.units = 0;
+      return x;
+    }
+    job.toff.clear();
+    job.mbits = nullptr;
+    job.simple3.clear();
   }
   // phase planes used by some tap
   std::vector<int> plane_of(g.sh * g.sw, -1);
@@ -475,7 +556,7 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
   // swept by all groups, so only when the weights of all groups stay in L2 too (else the whole
   // batch is packed up front and the groups may go outer, see plan_tiles).
   const int64_t wbytes = 4 * job.G * job.kept * g.R * g.S * job.N;
-  if (allow_rb && !x_cl && 4 * g.B * pk.bs > env_int("GP_1XN_FUSE_KB", 1024) * 1024 &&
+  if (pv && !x_cl && 4 * g.B * pk.bs > env_int("GP_1XN_FUSE_KB", 1024) * 1024 &&
       wbytes <= env_int("GP_1XN_RB_WKB", 384) * 1024) {
     job.rb = true;
     job.pk = &pk;
@@ -712,13 +793,17 @@ static inline float epi1(float v, const float* r, bool relu) {
 // NC outputs x V vectors of W pixels, where init is out itself (acc_in) or the bias; lanes of
 // the last vector past `rem` are not loaded. off[q] = idx[j] * cs + toff[t]. With `fin` (the
 // last block of kept channels) the epilogue runs before the store: + rout[...] (the residual at
-// the same offsets as out, if not null), then ReLU when `relu`.
-template <int NC, int V>
+// the same offsets as out, if not null), then ReLU when `relu`. With `mb` (masked in-place mode,
+// see Job::mbits; the pairs start at tap 0) vector v of pair q loads only the lanes in
+// mb[v * taps + q % taps], the others read as zeros. MODE 3 is the 3x3 / pad-1 case on a tile
+// away from the top and bottom rows (Job::simple3): only the left and right taps mask, with the
+// tile's six masks held in registers (mb[v * 9 + 3] and mb[v * 9 + 5]).
+template <int NC, int V, int MODE = 0>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
                     const float* __restrict bias, float* __restrict out, int64_t ldo,
                     bool acc_in, const PvStore& st, int64_t pfd, const float* __restrict rout,
-                    bool relu, bool fin) {
+                    bool relu, bool fin, const uint16_t* __restrict mb, int64_t taps) {
   VT acc[NC][V];
   const MT m = vmask(rem);
   if (acc_in) {
@@ -735,21 +820,66 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = b0;
     }
   }
-  for (int64_t q = 0; q < nq; ++q) {
-    const float* xa = x + off[q];
-    const float* wq = w + q * N;
-    if (pfd) {
-      // pull the pixels of pair q + pfd into L1 (the L1 prefetchers cannot follow many rows)
-      const char* pa = (const char*)(x + off[q + pfd]);
-      GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
-      _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+  // (separate copies of the loop so the unmasked one carries no tap counter)
+  if constexpr (MODE == 3) {
+    MT ml[V], mr[V];
+    GP_UNROLL for (int v = 0; v < V; ++v) {
+      ml[v] = bits_mask(mb + v * 9 + 3);
+      mr[v] = bits_mask(mb + v * 9 + 5);
     }
-    VT a[V];
-    GP_UNROLL for (int v = 0; v < V - 1; ++v) a[v] = vload(xa + v * W);
-    a[V - 1] = vloadm(xa + (V - 1) * W, m);
-    GP_UNROLL for (int n = 0; n < NC; ++n) {
-      const VT b = vset1(wq[n]);
-      GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
+    for (int64_t q0 = 0; q0 < nq; q0 += 9) {
+      GP_UNROLL for (int t = 0; t < 9; ++t) {
+        const int64_t q = q0 + t;
+        const float* xa = x + off[q];
+        const float* wq = w + q * N;
+        if (pfd) {
+          const char* pa = (const char*)(x + off[q + pfd]);
+          GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
+          _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+        }
+        VT a[V];
+        GP_UNROLL for (int v = 0; v < V; ++v)
+          a[v] = t % 3 == 1 ? vload(xa + v * W) : vloadm(xa + v * W, t % 3 ? mr[v] : ml[v]);
+        GP_UNROLL for (int n = 0; n < NC; ++n) {
+          const VT b = vset1(wq[n]);
+          GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
+        }
+      }
+    }
+  } else if (mb) {
+    for (int64_t q = 0, t = 0; q < nq; ++q) {
+      const float* xa = x + off[q];
+      const float* wq = w + q * N;
+      if (pfd) {
+        const char* pa = (const char*)(x + off[q + pfd]);
+        GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
+        _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+      }
+      VT a[V];
+      GP_UNROLL for (int v = 0; v < V; ++v) a[v] = vloadm(xa + v * W, bits_mask(mb + v * taps + t));
+      t = t + 1 == taps ? 0 : t + 1;
+      GP_UNROLL for (int n = 0; n < NC; ++n) {
+        const VT b = vset1(wq[n]);
+        GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
+      }
+    }
+  } else {
+    for (int64_t q = 0; q < nq; ++q) {
+      const float* xa = x + off[q];
+      const float* wq = w + q * N;
+      if (pfd) {
+        // pull the pixels of pair q + pfd into L1 (the L1 prefetchers cannot follow many rows)
+        const char* pa = (const char*)(x + off[q + pfd]);
+        GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
+        _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+      }
+      VT a[V];
+      GP_UNROLL for (int v = 0; v < V - 1; ++v) a[v] = vload(xa + v * W);
+      a[V - 1] = vloadm(xa + (V - 1) * W, m);
+      GP_UNROLL for (int n = 0; n < NC; ++n) {
+        const VT b = vset1(wq[n]);
+        GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
+      }
     }
   }
   if (fin && (rout || relu)) {
@@ -834,7 +964,7 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
                       const float*, float*, int64_t, bool, const PvStore&, int64_t,
-                      const float*, bool, bool);
+                      const float*, bool, bool, const uint16_t*, int64_t);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
                       const float*, float* const*, int64_t, const float* const*, bool);
 
@@ -859,6 +989,7 @@ static constexpr std::array<std::array<PvFn, 7>, 9> pv_table(std::integer_sequen
 }
 static const std::array<std::array<PvFn, 7>, 9> kPv =
     pv_table(std::make_integer_sequence<int, 9>{});
+static constexpr PvFn kPv3 = &pv_tile<pv_nc(), pv_vmax(pv_nc()), 3>;  // full tiles only
 
 static constexpr int ov_u(int nv, int p) { return nv * p >= 8 ? 1 : nv * p >= 4 ? 2 : 4; }
 template <int NV, bool UNIT, bool MASKED, int... Ps>
@@ -1005,6 +1136,9 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
     if (cnt == 0) continue;
     const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
     pv_store_plan(jb, f0, cnt, in_place, st);
+    const uint16_t* mb = jb.mbits ? jb.mbits + f0 / W * jb.taps : nullptr;
+    bool simple = !jb.simple3.empty() && vused == V;
+    for (int64_t v = 0; simple && v < V; ++v) simple = jb.simple3[f0 / W + v];
     for (int64_t j0 = 0; j0 < std::max<int64_t>(jb.kept, 1); j0 += jb.jblock) {
       const int64_t q0 = j0 * jb.taps;
       const int64_t nq = (std::min(jb.kept, j0 + jb.jblock) - j0) * jb.taps;
@@ -1015,9 +1149,9 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
         // NCHW: the epilogue runs in the tile's store; NHWC: in pv_writeback
         const bool fin = in_place && j0 + jb.jblock >= jb.kept;
         const float* rout = fin && jb.res ? jb.res + (out - jb.y) : nullptr;
-        kPv[nc][std::min<int64_t>(vused, V)](xt, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem,
-                                             jb.bias ? jb.bias + k0 : nullptr, out, ldo, j0 > 0,
-                                             st, c0 == 0 ? jb.pfd : 0, rout, jb.relu, fin);
+        const PvFn fn = simple && nc == NC ? kPv3 : kPv[nc][std::min<int64_t>(vused, V)];
+        fn(xt, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem, jb.bias ? jb.bias + k0 : nullptr,
+           out, ldo, j0 > 0, st, c0 == 0 ? jb.pfd : 0, rout, jb.relu, fin, mb, jb.taps);
       }
     }
     if (!in_place)
