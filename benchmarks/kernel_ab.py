@@ -1,7 +1,8 @@
 """A/B timing of the 1xN kernel: the working tree's onexn.cpp vs the one at a git revision.
 
 Both builds run the same packed weights on the same input in the same alternating rounds (so
-machine drift cancels), outputs are checked bit-equal first. Use it to show that a kernel change
+machine drift cancels), outputs are checked first: bit-equal, or within 1e-6 relative (noted)
+when the change moves some pixels to a path with another summation order. Use it to show that a kernel change
 is faster, or that it costs nothing.
 
     python benchmarks/kernel_ab.py --rev HEAD~1 [--threads 2] [--batch 8] [--n 16]
@@ -87,8 +88,14 @@ def main() -> None:
             def fn(a=a, x=x):
                 return new.conv2d_1xn(x, *a, None, False)
 
-            if not torch.equal(fo(), fn()):
-                raise SystemExit(f"{layer.name}: outputs differ between the two kernels")
+            yo, yn = fo(), fn()
+            if not torch.equal(yo, yn):
+                # a change of path may change the summation order of some pixels (e.g. an
+                # image's last few pixels on the ov tail kernel): rounding, not a bug
+                rel = float((yo - yn).abs().max() / yo.abs().max())
+                if rel > 1e-6:
+                    raise SystemExit(f"{layer.name}: outputs differ (rel {rel:.2e})")
+                print(f"(note: {layer.name} {sp:.0%} not bit-equal, rel diff {rel:.1e})")
             r = onexn.time_rounds([fo, fn, fo, fn], repeats=args.repeats)
             to, tn = statistics.median(r[0] + r[2]), statistics.median(r[1] + r[3])
             print(f"| {layer.name} | {sp:.0%} | {to:.3f} | {tn:.3f} | {tn / to:.3f} |")

@@ -7,17 +7,25 @@ placeholders. The backend lifts them into the graph as constants, analyses the c
 (the same op table as `gp.analyze`), rewrites, verifies, and hands the result to the inner
 compiler (`inner="inductor"` by default, `"eager"`, any Dynamo backend name or callable).
 
-**Lossless (default).** Nothing the model computes changes:
+**Lossless (default).** Nothing the model computes changes (up to float rounding where BN is
+folded):
 
 * channels whose every consumer input (the conv/linear input-channel slices that read them) is
   already all-zero, e.g. after soft-mask training, are removed with the slim pass; the result is
   checked against the unmodified graph on random inputs (fp32 and fp64) and a group whose removal
-  changes the output (a norm or softmax over channels still sees it) is kept;
+  changes the output (a norm or softmax over channels still sees it) is kept, and so is a channel
+  whose removal would break a 1xN pattern of the layer producing it (only whole blocks of N go)
+  or a 2:4 pattern of a layer reading it;
 * uniform 1xN block patterns already present in conv/linear weights become
   `graphprune::conv2d_1xn` / `linear_1xn` ops (exact masks: the nonzero blocks), kept dense where
   the sparse kernel is measured slower (`check_speed`); 2:4 patterns become
   `to_sparse_semi_structured` weights where the kernels apply (CUDA, fp16/bf16), otherwise they
-  are reported and left dense.
+  are reported and left dense;
+* then (`fuse=True`, the default) as in `gp.sparsify`: eval-mode BatchNorms fold into the conv
+  before them, a residual add and ReLU after a 1xN layer move into its kernel's stores, and
+  (with `inner="eager"`; inductor makes its own pools) large NCHW max-pools run in channels_last;
+  checked against the unfused graph (float rounding only: folded BN weights are float32
+  products).
 
 Graph inputs and outputs keep their shapes. A graph with nothing to exploit, a graph that needs
 gradients for parameters (grad mode on and a parameter with `requires_grad`), a training-mode
@@ -355,18 +363,57 @@ def _reduced_groups(a) -> set[int]:
     return out
 
 
-def zero_channel_plan(a):
+def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
+    """Channel classes to keep so the sparse patterns of `layers` survive the slim: a 1xN layer
+    may lose output channels only as whole blocks of N (a lone removed row would shift every
+    block after it), a 2:4 layer that will run on the 2:4 kernels no input channels (the groups
+    of 4 run along them). A "1xN" layer whose groups all keep the same input channels is just
+    input-channel pruning, the slim's business: not pinned."""
+    from .passes.sparse_ops import semi_structured_ok
+
+    pinned = np.zeros(len(dead), bool)
+    by_name = {s.node: s for s in layers}
+    for node, w, info in _consumer_weights(a):
+        s = by_name.get(node.name)
+        if s is None or info.grouped_in is not None:
+            continue
+        f = info.tmap.factor_of(0 if s.pattern == "1xN" else 1)
+        if f is None:
+            continue
+        labs = a.labels[np.asarray(f.ids).reshape(-1)]
+        if s.pattern == "2:4":
+            probe = nn.Linear(1, 1)
+            probe.weight = nn.Parameter(w.detach(), requires_grad=False)
+            if semi_structured_ok(probe):
+                pinned[labs] = True
+            continue
+        if len(labs) % s.n:
+            continue
+        k, c = w.shape[:2]
+        blk = (w.detach() != 0).reshape(k // s.n, s.n, c, -1).any(3).any(1)
+        if bool((blk == blk[0]).all()):
+            continue
+        blocks = labs.reshape(-1, s.n)
+        pinned[blocks[~dead[blocks].all(1)].reshape(-1)] = True
+    return pinned
+
+
+def zero_channel_plan(a, sparse_layers=()):
     """A Plan removing exactly the channels whose every consumer input slice is all-zero
-    (groups an op reduces over are left alone: see `_reduced_groups`)."""
+    (groups an op reduces over are left alone: see `_reduced_groups`; channels whose removal
+    would break a pattern of `sparse_layers` too: see `_pattern_pinned`)."""
     from .plan import Plan, repair_empty
 
     seen, alive = _column_liveness(a)
+    dead_all = seen & ~alive
+    if sparse_layers:
+        dead_all &= ~_pattern_pinned(a, dead_all, sparse_layers)
     reduced = _reduced_groups(a)
     keep = {}
     for g in a.prunable_groups:
         if g.id in reduced:
             continue
-        dead = seen[g.classes] & ~alive[g.classes]
+        dead = dead_all[g.classes]
         if not dead.any():
             continue
         live = ~dead
@@ -388,21 +435,24 @@ def _slim(a, plan) -> fx.GraphModule:
     return cleanup(slim(a, plan))
 
 
-def _verify(new: fx.GraphModule, ref: fx.GraphModule, inputs, what: str) -> str:
+def _verify(new: fx.GraphModule, ref: fx.GraphModule, inputs, what: str,
+            rtol64: float = 1e-9) -> str:
     """Check `new` against `ref` on random inputs (fx prints failing generated code to stderr:
     a failure here is an expected outcome, so that print is swallowed)."""
     from .verify import verify_against
 
     with contextlib.redirect_stderr(io.StringIO()):
-        return str(verify_against(new, ref, tuple(inputs), {}, trials=2, what=what))
+        return str(verify_against(new, ref, tuple(inputs), {}, trials=2, what=what,
+                                  rtol64=rtol64))
 
 
-def _lossless_slim(a, lifted: Lifted, rep: dict) -> fx.GraphModule | None:
-    """Slim the dead channels; groups whose removal changes the output are kept."""
+def _lossless_slim(a, lifted: Lifted, rep: dict, sparse_layers=()) -> fx.GraphModule | None:
+    """Slim the dead channels; groups whose removal changes the output are kept, and so are
+    channels whose removal would break the pattern of one of `sparse_layers`."""
     from .errors import GraphpruneError
     from .plan import Plan
 
-    plan = zero_channel_plan(a)
+    plan = zero_channel_plan(a, sparse_layers)
     if not plan.keep:
         return None
     try:
@@ -477,8 +527,12 @@ def _const_layers(gm: fx.GraphModule, grouped: bool = False):
 
 
 def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLayer]:
-    """Layers whose nonzero weights already form a uniform 1xN (largest N first) or 2:4 pattern."""
-    from .kernels.masks import is_1xn, is_24
+    """Layers whose nonzero weights already form a uniform 1xN or a 2:4 pattern.
+
+    1xN: the blocks holding a nonzero weight (`block_cover_1xn`: a kept weight may itself be
+    exactly zero) are as many in every group of N outputs; of the N that fit, the one keeping the
+    fewest blocks (a 1x16 pattern read as 1x32 keeps the union of two groups), then the largest."""
+    from .kernels.masks import block_cover_1xn, is_24
 
     out = []
     for node, w, _b, _groups in _const_layers(gm):
@@ -489,11 +543,12 @@ def find_sparse_layers(gm: fx.GraphModule, ns=(32, 16, 8, 4)) -> list[SparseLaye
         k, c = nz.shape[:2]
         hit = None
         for n in ns:
-            if k % n == 0 and is_1xn(nz, n):
-                kept = int(nz.reshape(k // n, n, c, -1)[0, 0, :, 0].sum())
-                if 0 < kept < c:
-                    hit = SparseLayer(node.name, layer, "1xN", n, kept / c)
-                break
+            cover = block_cover_1xn(nz, n) if k % n == 0 else None
+            if cover is None:
+                continue
+            kept = int(cover.reshape(k // n, n, c, -1)[0, 0, :, 0].sum())
+            if 0 < kept < c and (hit is None or kept / c < hit.kept):
+                hit = SparseLayer(node.name, layer, "1xN", n, kept / c)
         if hit is None and is_24(nz):
             hit = SparseLayer(node.name, layer, "2:4", 4, float(nz.float().mean()))
         if hit is not None:
@@ -552,6 +607,7 @@ def modulize(gm: fx.GraphModule, names: set[str] | None = None) -> fx.GraphModul
 
 def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: dict):
     """Put the found 1xN / 2:4 layers into sparse ops; returns the new graph or None."""
+    from .kernels.masks import block_cover_1xn
     from .kernels.onexn import faster_than_dense
     from .passes.sparse_ops import LayerSparsity, semi_structured_ok, sparse_ops
 
@@ -589,7 +645,9 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
             if not ok:
                 entry["applied"] = f"no: sparse kernel slower here ({sp:.3f} ms vs {de:.3f} ms)"
                 continue
-        plan.append(LayerSparsity(node.name, s.pattern, s.n, mod.weight.detach() != 0))
+        nz = mod.weight.detach() != 0
+        plan.append(LayerSparsity(node.name, s.pattern, s.n,
+                                  block_cover_1xn(nz, s.n) if s.pattern == "1xN" else nz))
         renamed[node.name] = name
     if not plan:
         return None
@@ -698,7 +756,31 @@ def _finish(new: fx.GraphModule, lifted: Lifted, inner, rep: dict, t0: float):
 # ---- the backends -----------------------------------------------------------------------------
 
 
-def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_speed: bool = True):
+def _fuse(sp: fx.GraphModule, inputs, rep: dict, pools: bool) -> fx.GraphModule:
+    """The sparse graph with BN folded and add / ReLU fused into the 1xN layers, and (`pools`)
+    large max-pools in channels_last (as `gp.sparsify(fuse=True)`), verified against `sp`; `sp`
+    itself when there is nothing to fuse or the check fails (reported)."""
+    from .errors import GraphpruneError
+    from .passes.fuse_epilogue import fuse_epilogue
+    from .passes.pool_layout import pool_layout
+
+    try:
+        out, fused = fuse_epilogue(sp)
+        out, pools = pool_layout(out) if pools else (out, [])
+        if not fused and not pools:
+            return sp
+        # folded BN weights are float32 products: ~1e-7 each, ~1e-6 through a deep net
+        rep["verify_fused"] = _verify(out, sp, inputs, "BN-folded / epilogue-fused graph",
+                                      rtol64=1e-4)
+    except (GraphpruneError, ValueError, RuntimeError) as e:
+        rep["fuse_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return sp
+    rep["fused"], rep["pools_channels_last"] = fused, pools
+    return out
+
+
+def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_speed: bool = True,
+              fuse: bool = True):
     from .errors import GraphpruneError
 
     t0 = time.perf_counter()
@@ -714,7 +796,7 @@ def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_s
     cur = lifted.gm
     try:
         a = analysis_of(lifted)
-        slim = _lossless_slim(a, lifted, rep)
+        slim = _lossless_slim(a, lifted, rep, find_sparse_layers(cur) if sparse else ())
         if slim is not None:
             cur = slim
         if sparse:
@@ -723,7 +805,9 @@ def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_s
                 sp = _sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep)
                 if sp is not None:
                     rep["verify_sparse"] = _verify(sp, cur, lifted.inputs, "sparse graph")
-                    cur = sp
+                    # (pool_layout only for eager: inductor picks its own pool layout, and
+                    # tracing max_pool2d_cl inside Dynamo's shape env fails a guard in 2.13)
+                    cur = _fuse(sp, lifted.inputs, rep, inner == "eager") if fuse else sp
     except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return _pass_through(gm, example_inputs, inner, rep, f"analysis failed: {msg}")
@@ -739,7 +823,8 @@ def graphprune_backend(gm: fx.GraphModule, example_inputs, **opts):
 
     Options (via `torch.compile(..., options=...)` they are not passed; use `gp.backend(...)`):
     `inner` ("inductor" | "eager" | a backend name or callable), `sparse` (look for 1xN / 2:4
-    patterns, default True), `check_speed` (keep a 1xN layer dense when its kernel is slower).
+    patterns, default True), `check_speed` (keep a 1xN layer dense when its kernel is slower),
+    `fuse` (fold BN and fuse add / ReLU into the sparse layers, default True).
     """
     return _lossless(gm, example_inputs, **opts)
 
@@ -782,7 +867,7 @@ def _lossy(gm, example_inputs, cfg, inner):
 
 
 def backend(target=None, *, inner="inductor", config=None, sparse: bool = True,
-            check_speed: bool = True, **options):
+            check_speed: bool = True, fuse: bool = True, **options):
     """A configured backend for `torch.compile(model, backend=gp.backend(...))`.
 
     `target=None`: the lossless backend with these options. With a target (`gp.Flops(0.5)`,
@@ -794,7 +879,7 @@ def backend(target=None, *, inner="inductor", config=None, sparse: bool = True,
 
     if target is None and config is None and not options:
         def lossless(gm, example_inputs):
-            return _lossless(gm, example_inputs, inner, sparse, check_speed)
+            return _lossless(gm, example_inputs, inner, sparse, check_speed, fuse)
 
         lossless.__name__ = "graphprune_lossless"
         return lossless

@@ -3,8 +3,10 @@ residual add and ReLU into a 1xN layer's kernel epilogue.
 
 Requires: a GraphModule whose nodes carry shapes (``meta["val"]`` or ``meta["tensor_meta"]``).
 Ensures: a copy computing the same function up to float rounding, with fewer nodes: a
-conv -> BatchNorm2d pair (the BN in eval mode with running stats, the conv's only user, the conv
-called once) becomes one conv; after a 1xN layer (``Conv2d1xN`` / ``Linear1xN``) an
+conv -> BatchNorm pair (a ``BatchNorm2d`` module in eval mode, or a functional batch norm --
+``F.batch_norm`` as in torch.compile graphs, ``aten.batch_norm`` as in torch.export graphs -- with
+``training=False`` and constant statistics; the conv's only user, the conv called once) becomes
+one conv; after a 1xN layer (``Conv2d1xN`` / ``Linear1xN``) an
 ``add(layer, r)`` with ``r`` of the same shape and dtype, then a ``relu``, become the layer's
 ``residual`` input and ``relu`` flag. Returns ``(module, {layer node: "bn+add+relu"})``.
 
@@ -36,6 +38,8 @@ aten = torch.ops.aten
 # torch.export graphs (a saved .pt2, after `modulize`) contain
 _EPILOGUE: dict = {
     nn.BatchNorm2d: "bn",
+    F.batch_norm: "bn",
+    torch.batch_norm: "bn",
     aten.batch_norm.default: "bn",
     operator.add: "add",
     torch.add: "add",
@@ -53,6 +57,22 @@ _EPILOGUE: dict = {
     aten.relu.default: "relu",
     aten.relu_.default: "relu",
 }
+
+
+# functional batch norms: (position, keyword, default) of weight, bias, running_mean,
+# running_var, training, eps. F.batch_norm is what torch.compile (Dynamo) graphs hold; the aten /
+# torch.batch_norm order is what torch.export graphs hold.
+_REQ = object()
+_ATEN_BN = ((1, "weight", _REQ), (2, "bias", _REQ), (3, "running_mean", _REQ),
+            (4, "running_var", _REQ), (5, "training", _REQ), (7, "eps", _REQ))
+_BN_ARGS: dict = {
+    aten.batch_norm.default: _ATEN_BN,
+    torch.batch_norm: _ATEN_BN,
+    F.batch_norm: ((3, "weight", None), (4, "bias", None), (1, "running_mean", _REQ),
+                   (2, "running_var", _REQ), (5, "training", False), (7, "eps", 1e-5)),
+}
+_BN_KWARGS = {"weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+              "cudnn_enabled"}
 
 
 def _role(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -79,18 +99,26 @@ def _bn_stats(gm: fx.GraphModule, bn_node: fx.Node, calls: dict):
         if bn.training or bn.running_mean is None:
             return None
         return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
-    # aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, _)
-    a = list(bn_node.args) + [None] * (9 - len(bn_node.args))
-    if bn_node.kwargs or a[5] is not False or not isinstance(a[7], float):
+    spec = _BN_ARGS.get(bn_node.target)
+    if spec is None or set(bn_node.kwargs) - _BN_KWARGS:
+        return None
+    vals = []
+    for pos, name, default in spec:
+        v = bn_node.args[pos] if len(bn_node.args) > pos else bn_node.kwargs.get(name, default)
+        if v is _REQ:
+            return None
+        vals.append(v)
+    *tensors, training, eps = vals
+    if training is not False or not isinstance(eps, float):
         return None
     consts = []
-    for v in a[1:5]:
+    for v in tensors:
         if v is not None and (not isinstance(v, fx.Node) or v.op != "get_attr"):
             return None
         consts.append(None if v is None else get_tensor(gm, v.target))
     if consts[2] is None or consts[3] is None:
         return None
-    return (*consts, a[7])
+    return (*consts, eps)
 
 
 def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
@@ -121,7 +149,7 @@ def _fold_bn(gm: fx.GraphModule, layer: fx.Node, calls: dict) -> bool:
             new.bias.requires_grad_(mod.weight.requires_grad)
             prefix, _, attr = layer.target.rpartition(".")
             setattr(gm.get_submodule(prefix) if prefix else gm, attr, new)
-    consts = [v for v in bn_node.args[1:] if isinstance(v, fx.Node)]
+    consts = [v for v in [*bn_node.args[1:], *bn_node.kwargs.values()] if isinstance(v, fx.Node)]
     bn_node.replace_all_uses_with(layer)
     gm.graph.erase_node(bn_node)
     for v in consts:  # an export graph's BN constants, now unused

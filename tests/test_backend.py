@@ -239,3 +239,84 @@ def test_stateful_and_training_graphs_pass_through():
     drop = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
     _, rep = compiled(drop, torch.randn(2, 4))
     assert rep["action"] == "passed through" and "training-mode" in rep["reason"]
+
+
+def _random_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(bn.num_features)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.rand(bn.num_features, generator=g) - 0.5)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.bias.copy_(torch.rand(bn.num_features, generator=g) - 0.5)
+    return bn
+
+
+class _Residual1x16(nn.Module):
+    """conv-BN-ReLU, conv-BN, += identity, ReLU with 1x16 convs: every BN, add and ReLU fuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = _exact_1x16(), _random_bn(nn.BatchNorm2d(64))
+        self.c2, self.b2 = _exact_1x16(), _random_bn(nn.BatchNorm2d(64))
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        y += x
+        return torch.relu(y)
+
+
+def test_lossless_fuses_bn_add_relu_into_found_1xn_layers():
+    """Dynamo graphs hold F.batch_norm / iadd / relu: they fold and fuse as in gp.sparsify,
+    checked against the unfused sparse graph; fuse=False leaves them."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), _Residual1x16()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+    y, rep = compiled(m, x, check_speed=False)
+    assert rel(y, ref) < 1e-5
+    assert sorted(rep["fused"].values()) == ["bn+add+relu", "bn+relu"]
+    assert rep["verify_fused"].startswith("verified")
+    kinds = [type(mod).__name__ for mod in rep["graph"].modules()]
+    assert kinds.count("Conv2d1xN") == 2 and "BatchNorm2d" not in kinds
+    assert not any("batch_norm" in str(n.target) for n in rep["graph"].graph.nodes)
+    y2, rep2 = compiled(m, x, check_speed=False, fuse=False)
+    assert rel(y2, ref) < 1e-5 and "fused" not in rep2
+    assert sum("batch_norm" in str(n.target) for n in rep2["graph"].graph.nodes) == 2
+
+
+@pytest.mark.parametrize("dead", [[5], list(range(16, 32))])
+def test_lossless_slim_keeps_1xn_blocks_whole(dead):
+    """A 1x16 layer's output channel that no consumer reads is removed only with its whole block
+    of 16 (one lone row removed would shift every block after it and lose the pattern)."""
+    torch.manual_seed(0)
+    head = nn.Conv2d(64, 8, 1)
+    with torch.no_grad():
+        head.weight[:, dead] = 0
+    m = nn.Sequential(_exact_1x16(), nn.ReLU(), head).eval()
+    x = torch.randn(2, 64, 8, 8)
+    y, rep = compiled(m, x, check_speed=False)
+    with torch.no_grad():
+        assert rel(y, m(x)) < 1e-5
+    removed = sum(rep.get("removed_channels", {}).values())
+    assert removed == (16 if len(dead) == 16 else 0)
+    (hit,) = [e for e in rep["sparse"] if e["layer"] == "0"]
+    assert hit["pattern"] == "1xN" and hit["n"] == 16 and "conv2d_1xn" in hit["applied"]
+
+
+def test_found_1xn_layers_allow_zero_weights_and_prefer_the_tightest_n():
+    """An exact zero inside a kept block does not hide the pattern; a 1x16 pattern that is also
+    uniform as 1x32 (pairs of groups keep equally many channels together) is read as 1x16."""
+    conv = _exact_1x16(64, 64, 16)  # group g keeps channels 16g..16g+15
+    with torch.no_grad():
+        conv.weight[3, 2, 1, 1] = 0.0  # inside a kept block of group 0
+    assert not is_1xn(conv.weight != 0, 16)
+    m = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(64, 8, 1)).eval()
+    x = torch.randn(2, 64, 8, 8)
+    y, rep = compiled(m, x, check_speed=False)
+    with torch.no_grad():
+        assert rel(y, m(x)) < 1e-5
+    (hit,) = rep["sparse"]
+    assert (hit["pattern"], hit["n"], hit["kept"]) == ("1xN", 16, 0.25)
+    assert "conv2d_1xn" in hit["applied"]

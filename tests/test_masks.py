@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphprune.kernels.masks import (
+    block_cover_1xn,
     block_scores_1xn,
     is_1xn,
     is_24,
@@ -93,6 +94,25 @@ def test_is_1xn_rejects_broken_patterns():
     uneven[4:, 3] = True  # group 1 keeps 4 channels, group 0 keeps 3
     assert not is_1xn(uneven, 4)
     assert is_1xn(torch.ones(8, 6, dtype=torch.bool), 4)
+
+
+def test_block_cover_1xn_tolerates_zeros_inside_kept_blocks():
+    """A trained 1xN weight may hold exact zeros in its kept blocks: `weight != 0` is then not
+    1xN, but its block cover is the original mask; uneven groups and indivisible K give None."""
+    w = _weight(8, 6, 3)
+    m = mask_1xn(w, 4, 0.5)
+    nz = (w * m) != 0
+    c = int(m[0, :, 0, 0].nonzero()[0, 0])
+    nz[1, c, 2, 0] = False  # an exactly-zero weight inside a kept block
+    assert not is_1xn(nz, 4)
+    cover = block_cover_1xn(nz, 4)
+    assert cover is not None and torch.equal(cover, m) and is_1xn(cover, 4)
+    assert block_cover_1xn(nz, 3) is None  # K=8 not divisible by 3
+    uneven = m.clone()
+    uneven[4:, :] = True  # group 1 keeps every channel, group 0 half of them
+    assert block_cover_1xn(uneven, 4) is None
+    dense = torch.ones(8, 6, 3, 3, dtype=torch.bool)
+    assert torch.equal(block_cover_1xn(dense, 4), dense)
 
 
 @SETTINGS

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "block_cover_1xn",
     "block_scores_1xn",
     "kept_1xn",
     "mask_1xn",
@@ -132,6 +133,23 @@ def is_1xn(mask: Tensor, n: int) -> bool:
         return False
     counts = block_all.sum(dim=1)
     return bool((counts == counts[0]).all()) if counts.numel() else True
+
+
+def block_cover_1xn(nonzero: Tensor, n: int) -> Tensor | None:
+    """The uniform 1xN mask of the blocks that hold a nonzero weight (pass ``weight != 0``), or
+    None when groups of N outputs hold different numbers of such blocks or ``K % n != 0``.
+
+    Unlike :func:`is_1xn` a kept block may contain exact zeros (a trained weight can be exactly
+    zero): the sparse op stores them as values, so it still computes exactly the weight's conv.
+    """
+    if nonzero.dim() not in (2, 4) or n < 1 or nonzero.shape[0] % n != 0:
+        return None
+    k, c = nonzero.shape[:2]
+    blocks = nonzero.bool().reshape(k // n, n, c, -1).any(dim=3).any(dim=1)
+    counts = blocks.sum(dim=1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        return None
+    return _expand_blocks(blocks, nonzero, n)
 
 
 def is_24(mask: Tensor) -> bool:
