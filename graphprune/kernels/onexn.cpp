@@ -820,7 +820,24 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = b0;
     }
   }
-  // (separate copies of the loop so the unmasked one carries no tap counter)
+  // One (channel, tap) pair q: prefetch, V pixel vectors loaded by load(v, address), NC x V FMAs.
+  // Three copies of the loop over pairs, so the unmasked one carries no tap counter.
+  auto pair = [&](int64_t q, auto load) __attribute__((always_inline)) {
+    const float* xa = x + off[q];
+    const float* wq = w + q * N;
+    if (pfd) {
+      // pull the pixels of pair q + pfd into L1 (the L1 prefetchers cannot follow many rows)
+      const char* pa = (const char*)(x + off[q + pfd]);
+      GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
+      _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+    }
+    VT a[V];
+    GP_UNROLL for (int v = 0; v < V; ++v) a[v] = load(v, xa + v * W);
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      const VT b = vset1(wq[n]);
+      GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
+    }
+  };
   if constexpr (MODE == 3) {
     MT ml[V], mr[V];
     GP_UNROLL for (int v = 0; v < V; ++v) {
@@ -829,58 +846,23 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
     }
     for (int64_t q0 = 0; q0 < nq; q0 += 9) {
       GP_UNROLL for (int t = 0; t < 9; ++t) {
-        const int64_t q = q0 + t;
-        const float* xa = x + off[q];
-        const float* wq = w + q * N;
-        if (pfd) {
-          const char* pa = (const char*)(x + off[q + pfd]);
-          GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
-          _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
-        }
-        VT a[V];
-        GP_UNROLL for (int v = 0; v < V; ++v)
-          a[v] = t % 3 == 1 ? vload(xa + v * W) : vloadm(xa + v * W, t % 3 ? mr[v] : ml[v]);
-        GP_UNROLL for (int n = 0; n < NC; ++n) {
-          const VT b = vset1(wq[n]);
-          GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
-        }
+        pair(q0 + t, [&](int v, const float* p) __attribute__((always_inline)) {
+          return t % 3 == 1 ? vload(p) : vloadm(p, t % 3 ? mr[v] : ml[v]);
+        });
       }
     }
   } else if (mb) {
     for (int64_t q = 0, t = 0; q < nq; ++q) {
-      const float* xa = x + off[q];
-      const float* wq = w + q * N;
-      if (pfd) {
-        const char* pa = (const char*)(x + off[q + pfd]);
-        GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
-        _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
-      }
-      VT a[V];
-      GP_UNROLL for (int v = 0; v < V; ++v) a[v] = vloadm(xa + v * W, bits_mask(mb + v * taps + t));
+      pair(q, [&](int v, const float* p) __attribute__((always_inline)) {
+        return vloadm(p, bits_mask(mb + v * taps + t));
+      });
       t = t + 1 == taps ? 0 : t + 1;
-      GP_UNROLL for (int n = 0; n < NC; ++n) {
-        const VT b = vset1(wq[n]);
-        GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
-      }
     }
   } else {
-    for (int64_t q = 0; q < nq; ++q) {
-      const float* xa = x + off[q];
-      const float* wq = w + q * N;
-      if (pfd) {
-        // pull the pixels of pair q + pfd into L1 (the L1 prefetchers cannot follow many rows)
-        const char* pa = (const char*)(x + off[q + pfd]);
-        GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
-        _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
-      }
-      VT a[V];
-      GP_UNROLL for (int v = 0; v < V - 1; ++v) a[v] = vload(xa + v * W);
-      a[V - 1] = vloadm(xa + (V - 1) * W, m);
-      GP_UNROLL for (int n = 0; n < NC; ++n) {
-        const VT b = vset1(wq[n]);
-        GP_UNROLL for (int v = 0; v < V; ++v) acc[n][v] = vfma(a[v], b, acc[n][v]);
-      }
-    }
+    for (int64_t q = 0; q < nq; ++q)
+      pair(q, [&](int v, const float* p) __attribute__((always_inline)) {
+        return v < V - 1 ? vload(p) : vloadm(p, m);
+      });
   }
   if (fin && (rout || relu)) {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
