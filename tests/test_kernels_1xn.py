@@ -164,8 +164,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
     """ResNet-like shapes (many tiles and macro tiles, 2 threads, channel blocks) match dense.
 
     GP_1XN_L1_KB=1 forces the smallest channel blocks, exercising partial-sum accumulation.
-    The 3x3 pad-1 layers at 56x56 and 14x14 take the masked in-place mode's 3x3 fast path on
-    most tiles (the 14x14 one only with the mode forced on: there it is off by default).
+    The 3x3 pad-1 layer at 56x56 takes the masked in-place mode's 3x3 fast path on most tiles;
+    the 14x14 one (batch 2) the stacked mode by default, in-place with the mode forced on.
     """
     if l1_kb:
         monkeypatch.setenv("GP_1XN_L1_KB", l1_kb)
@@ -182,7 +182,9 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # inputs count as too big for L2) makes units (tile runs / row blocks) as small as they get, so
 # images split into many units with ragged ends; GP_1XN_PF=1 / GP_1XN_PFD turn the next-unit
 # (L2) prefetch on / set the next-rows (L1) prefetch distance. GP_1XN_MASKED=2 reads every
-# stride-1 padded NCHW input in place through lane masks, =0 never (packed planes instead).
+# stride-1 padded NCHW input in place through lane masks, =0 never (packed planes instead);
+# GP_1XN_STACK=2 copies a batch of same-size convs with its images side by side (tiles and
+# vectors across image boundaries; with small units, units too), =0 never.
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -192,6 +194,9 @@ TILING = [
     {"GP_1XN_FUSE_KB": "100000", "GP_1XN_ORDER": "1", "GP_1XN_PFD": "48"},
     {"GP_1XN_MASKED": "2", "GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16"},
     {"GP_1XN_MASKED": "0"},
+    {"GP_1XN_STACK": "2"},
+    {"GP_1XN_STACK": "2", "GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16"},
+    {"GP_1XN_STACK": "0"},
 ]
 
 

@@ -14,7 +14,9 @@
 // convs of a ResNet) is also read in place, rows of W, with per-tap lane masks that load the
 // lanes whose tap falls in the padding as zeros: no copy and no junk columns; on tiles away from
 // the first and last rows only the left and right taps of a 3x3 mask (six masks per tile, kept
-// in registers).
+// in registers). Stacked mode: for small images of a batch (where most vectors touch a first or
+// last row) the batch is copied unpadded with its images side by side and the masked loop runs
+// over them as one long row of pixels (vectors and tiles may span two images).
 //
 // Two micro-kernels:
 //   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; writes NCHW in place (one
@@ -52,7 +54,8 @@
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
 // last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
 // GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the 3x3 fast path
-// covers at least 3/4 of the image's pixel vectors).
+// covers at least 3/4 of the image's pixel vectors), GP_1XN_STACK (stacked mode: 0 never, 2 in
+// preference to the masked in-place mode, 1 where that mode is not chosen).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -105,6 +108,7 @@ struct Pack {
   const float* src = nullptr;
   float* dst = nullptr;
   bool from_nhwc = false;
+  bool stacked = false;  // unpadded planes, images side by side: (b, c) at dst + c*cs + b*plane
   Geom g{};
   std::vector<std::pair<int64_t, int64_t>> planes;  // (row phase, column phase)
   int64_t Hq = 0, Wq = 0, plane = 0, cs = 0, bs = 0;
@@ -159,6 +163,10 @@ struct Job {
   // image at tap t; the other lanes are loaded as zeros (the padding)
   const uint16_t* mbits = nullptr;
   std::vector<uint16_t> mbits_store;
+  // stacked mode (masked, on a copy): the n_img images of the batch lie side by side along the
+  // flat pixel axis (image i at f = i * Ho*Wo, Ho = H, Wo = W), so a pixel vector or a tile may
+  // span two images; the output is still NCHW (see pv_store_plan)
+  int64_t n_img = 1;
   // 3x3, pad 1, dilation 1, same size: simple3[v] when pixel vector v is full and only its left
   // and right taps mask lanes, as on the middle row (no lane in the first or last row); else empty
   std::vector<uint8_t> simple3;
@@ -440,8 +448,18 @@ static void pack_nhwc(const Pack& pk, int64_t lo, int64_t hi) {
   }
 }
 
+static void pack_stacked(const Pack& pk, int64_t lo, int64_t hi) {
+  for (int64_t bc = lo; bc < hi; ++bc) {
+    const int64_t b = bc / pk.g.C, c = bc % pk.g.C;
+    std::memcpy(pk.dst + c * pk.cs + b * pk.plane, pk.src + bc * pk.plane,
+                pk.plane * sizeof(float));
+  }
+}
+
 static void pack_units(const Pack& pk, int64_t lo, int64_t hi) {
-  if (pk.from_nhwc)
+  if (pk.stacked)
+    pack_stacked(pk, lo, hi);
+  else if (pk.from_nhwc)
     pack_nhwc(pk, lo, hi);
   else
     pack_nchw(pk, lo, hi);
@@ -459,14 +477,16 @@ static double build_mbits(Job& job, const Geom& g) {
     for (int64_t s = 0; s < g.S; ++s) {
       const int64_t t = r * g.S + s, dr = r * g.dh - g.ph, dc = s * g.dw - g.pw;
       const int64_t c_lo = std::max<int64_t>(0, -dc), c_hi = std::min(g.Wo, g.W - dc);
-      for (int64_t oh = 0; oh < g.Ho && c_lo < c_hi; ++oh) {
-        if (oh + dr < 0 || oh + dr >= g.H) continue;
-        for (int64_t f = oh * g.W + c_lo, end = oh * g.W + c_hi; f < end;) {
-          const int64_t k = f % W, n = std::min(W - k, end - f);
-          mb[f / W * T + t] |= (uint16_t)(((1u << n) - 1u) << k);
-          f += n;
+      for (int64_t i = 0; i < job.n_img; ++i)
+        for (int64_t oh = 0; oh < g.Ho && c_lo < c_hi; ++oh) {
+          if (oh + dr < 0 || oh + dr >= g.H) continue;
+          const int64_t row = i * g.H * g.W + oh * g.W;
+          for (int64_t f = row + c_lo, end = row + c_hi; f < end;) {
+            const int64_t k = f % W, n = std::min(W - k, end - f);
+            mb[f / W * T + t] |= (uint16_t)(((1u << n) - 1u) << k);
+            f += n;
+          }
         }
-      }
     }
   job.mbits = mb;
   job.simple3.clear();
@@ -495,13 +515,15 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
   job.ld = 1;
   job.toff.clear();
   job.mbits = nullptr;
+  job.n_img = 1;
   const bool padded = g.ph > 0 || g.pw > 0;
   // Stride 1 on NCHW is read in place, rows of W: without padding as is; with padding (pv only,
   // output no wider than the input) through masked loads that read the padding as zeros -- no
   // copy, and no junk columns when Wo == W. GP_1XN_MASKED: 0 never, 2 always, 1 (default) when
   // the 3x3 fast path (see build_mbits) covers most of the image: the generic masked loop costs
   // a mask load per vector and pair, which loses to the copy on small images (measured).
-  const int64_t masked = env_int("GP_1XN_MASKED", 1);
+  const int64_t masked = env_int("GP_1XN_MASKED", 1), stack = env_int("GP_1XN_STACK", 1);
+  const bool stackable = g.B > 1 && g.Ho == g.H && g.Wo == g.W && stack != 0;
   if (!x_cl && g.sh == 1 && g.sw == 1 && (!padded || (pv && g.Wo <= g.W && masked != 0))) {
     job.x = x.data_ptr<float>();
     job.Wq = g.W;
@@ -511,13 +533,43 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
       for (int64_t s = 0; s < g.S; ++s)
         job.toff.push_back((r * g.dh - g.ph) * g.W + s * g.dw - g.pw);
     job.L = (g.Ho - 1) * job.Wq + g.Wo;
-    if (!padded || build_mbits(job, g) >= 0.75 || masked == 2) {
-      pk.units = 0;
-      return x;
-    }
+    pk.units = 0;
+    if (!padded) return x;
+    // (thresholds measured at batch 8: in place wins at 56x56 and 28x28, 92-96% of vectors on
+    // the fast path; stacked wins at 14x14, 77%, and 7x7)
+    const double simple = build_mbits(job, g);  // fraction of vectors on the 3x3 fast path
+    const bool prefer_stack = stackable && (stack == 2 || simple < 0.85);
+    if (masked == 2 || (!prefer_stack && simple >= 0.75)) return x;
     job.toff.clear();
     job.mbits = nullptr;
     job.simple3.clear();
+    // Small images of a batch (7x7, 14x14): a pixel vector would waste lanes at the end of each
+    // image (49 pixels = 3 vectors + 1), and most vectors touch a first or last row. Copy the
+    // batch unpadded with the images side by side instead, and run the masked loop over all of
+    // them as one long row of pixels (GP_1XN_STACK=0: the zero-padded copy as before).
+    if (stackable) {
+      const int64_t hw = g.H * g.W;
+      auto xq = at::empty({g.B * g.C * hw + 64}, x.options());
+      pk.src = x.data_ptr<float>();
+      pk.dst = xq.data_ptr<float>();
+      pk.g = g;
+      pk.stacked = true;
+      pk.plane = hw;
+      pk.cs = g.B * hw;
+      pk.units = g.B * g.C;
+      job.x = pk.dst;
+      job.Wq = g.W;
+      job.cs = g.B * hw;
+      job.bs = 0;
+      job.n_img = g.B;
+      job.B = 1;
+      job.L = g.B * hw;
+      for (int64_t r = 0; r < g.R; ++r)
+        for (int64_t s = 0; s < g.S; ++s)
+          job.toff.push_back((r * g.dh - g.ph) * g.W + s * g.dw - g.pw);
+      build_mbits(job, g);
+      return xq;
+    }
   }
   // phase planes used by some tap
   std::vector<int> plane_of(g.sh * g.sw, -1);
@@ -1071,11 +1123,21 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
 // NCHW in place when `in_place` (offsets relative to the output channel base), else a plain
 // [n][TP] buffer.
 static void pv_store_plan(const Job& jb, int64_t f0, int64_t cnt, bool in_place, PvStore& st) {
-  const int64_t junk = jb.Wq - jb.Wo;
+  const int64_t junk = jb.Wq - jb.Wo, hw = jb.Ho * jb.Wo;
   for (int64_t v = 0; v * W < cnt; ++v) {
     const int64_t f = f0 + v * W, lanes = std::min<int64_t>(W, cnt - v * W);
     int k = 0;
-    if (!in_place) {
+    if (jb.n_img > 1) {
+      // stacked: one segment per image the vector touches; image i's pixels sit (K - 1) * hw
+      // further on in y than their flat position (no junk columns: Wo == W)
+      for (int64_t i = 0; i < lanes;) {
+        const int64_t img = (f + i) / hw, end = std::min(lanes, (img + 1) * hw - f);
+        st.off[v][k] = f + img * (jb.K - 1) * hw;
+        st.mask[v][k] = vmask_range(i, end);
+        ++k;
+        i = end;
+      }
+    } else if (!in_place) {
       st.off[v][0] = v * W;
       st.mask[v][0] = vmask(lanes);
       k = 1;
