@@ -394,9 +394,15 @@ static void plan_tiles(Job& job) {
     // (round up: a unit ending just short of the image end would leave a sliver of a unit)
     job.mt_tiles = std::max<int64_t>(
         1, std::min<int64_t>(job.ntile_img, (target + job.tile / 2) / job.tile));
-    if (job.ntile_img - job.mt_tiles < std::max<int64_t>(1, job.mt_tiles / 4))
-      job.mt_tiles = job.ntile_img;
     job.n_blk = (job.ntile_img + job.mt_tiles - 1) / job.mt_tiles;
+    // a last unit of a few pixels (a 7x7 image is one tile + 1 pixel) would cost a sweep over
+    // every group's weights for almost no work: spread its tiles over the other units
+    const int64_t last_px = job.L - (job.n_blk - 1) * job.mt_tiles * job.tile;
+    if (job.n_blk > 1 && 4 * last_px < job.mt_tiles * job.tile) {
+      job.n_blk -= 1;
+      job.mt_tiles = (job.ntile_img + job.n_blk - 1) / job.n_blk;
+      job.n_blk = (job.ntile_img + job.mt_tiles - 1) / job.mt_tiles;
+    }
   }
   job.n_units = job.B * job.n_blk;
   // Re-read traffic of each order: weights once per unit vs activations once per group.
