@@ -902,10 +902,10 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       ml[v] = bits_mask(mb + v * 9 + 3);
       mr[v] = bits_mask(mb + v * 9 + 5);
     }
-    for (int64_t q0 = 0; q0 < nq; q0 += 9) {
-      GP_UNROLL for (int t = 0; t < 9; ++t) {
+    for (int64_t q0 = 0; q0 < nq; q0 += 3) {  // one kernel row (3 taps) at a time
+      GP_UNROLL for (int t = 0; t < 3; ++t) {
         pair(q0 + t, [&](int v, const float* p) __attribute__((always_inline)) {
-          return t % 3 == 1 ? vload(p) : vloadm(p, t % 3 ? mr[v] : ml[v]);
+          return t == 1 ? vload(p) : vloadm(p, t ? mr[v] : ml[v]);
         });
       }
     }
