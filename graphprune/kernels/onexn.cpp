@@ -54,8 +54,9 @@
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
 // last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
 // GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the 3x3 fast path
-// covers at least 3/4 of the image's pixel vectors), GP_1XN_STACK (stacked mode: 0 never, 2 in
-// preference to the masked in-place mode, 1 where that mode is not chosen).
+// covers at least 3/4 of the image's pixel vectors, 85% when the stacked mode is the other
+// choice), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
+// for batches of more than one image where that mode is not chosen).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
