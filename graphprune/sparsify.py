@@ -97,14 +97,20 @@ def sparsify(
     them at 75%). `fuse`: fold eval-mode BatchNorm into the conv before
     it and fuse residual add + ReLU into the 1xN kernels (numerics: float rounding only, checked
     by the verification), and run large NCHW max-pools in channels_last (`pool_layout`: exact,
-    2-5x faster pools). The user's model is not modified.
+    2-5x faster pools). `permute`: reorder channels first so the masks keep more magnitude
+    (skipped for 1xN when some layer's weights already hold a 1xN pattern: regrouping its blocks
+    would drop weights it kept). The user's model is not modified.
     """
     kind, n = parse_pattern(pattern)
     if kind == "1xN" and not 0.0 < sparsity < 1.0:
         raise GraphpruneError(f"sparsity must be in (0, 1), got {sparsity}")
     t0 = time.perf_counter()
     perm_note = ""
-    if permute:
+    held = _held_patterns(model, n) if permute and kind == "1xN" else []
+    if held:
+        perm_note = (f"skipped: {len(held)} layer(s) already hold 1x{n} patterns (first: "
+                     f"{held[0]}); reordering filters would regroup their blocks")
+    elif permute:
         model, perm_note = _permuted(model, example_inputs, kind, leaf_modules)
     tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="auto")
     gm = tr.gm
@@ -170,6 +176,27 @@ def sparsify(
 
 def _tgt(gm: fx.GraphModule, name: str) -> str:
     return next(n.target for n in gm.graph.nodes if n.name == name)
+
+
+def _held_patterns(model: nn.Module, n: int) -> list[str]:
+    """Conv/linear layers whose weights already hold a non-trivial uniform 1xN pattern (as after
+    `BlockPruner` training, or a model that was sparsified and baked back to dense): the filter
+    reordering would mix their groups, and the mask drawn afterwards would drop kept weights."""
+    from .kernels.masks import block_cover_1xn
+
+    out = []
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or getattr(mod, "groups", 1) != 1 \
+                or not isinstance(w, torch.Tensor):  # fmt: skip
+            continue
+        nz = w.detach() != 0
+        cover = block_cover_1xn(nz, n)
+        if cover is not None and nz.any() and not bool(cover.all()):
+            blocks = cover.reshape(w.shape[0] // n, n, w.shape[1], -1)[:, 0, :, 0]
+            if not bool((blocks == blocks[0]).all()):  # not just dead input channels
+                out.append(name)
+    return out
 
 
 def _permuted(model, example_inputs, kind: str, leaf_modules):

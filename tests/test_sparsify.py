@@ -172,3 +172,28 @@ def test_same_padding_that_needs_asymmetric_pads_stays_dense_with_a_reason():
     rep = {r["layer"]: r for r in s.graphprune_report["layers"]}
     assert rep["0"]["pattern"] == "dense" and "asymmetric" in rep["0"]["why"]
     assert rep["2"]["pattern"] == "1x8"
+
+
+def test_weights_that_already_hold_1xn_patterns_are_not_permuted():
+    """A model trained to 1x16 (or sparsified and baked back to dense) keeps its blocks: the
+    filter reordering is skipped (it would mix groups and the new mask would drop kept weights),
+    so at the trained sparsity gp.sparsify computes exactly the model's function."""
+    from graphprune.kernels.masks import mask_1xn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(mask_1xn(model[2].weight, 16, 0.75))
+    x = torch.randn(2, 16, 8, 8)
+    fast = gp.sparsify(model, x, "1x16", 0.75, check_speed=False, skip=("0", "4"))
+    rep = fast.graphprune_report
+    assert rep["permutation"].startswith("skipped: 1 layer(s) already hold 1x16 patterns")
+    assert "(first: 2)" in rep["permutation"]
+    with torch.no_grad():
+        assert float((fast(x) - model(x)).abs().max() / model(x).abs().max()) < 1e-5
+    # without the pattern the same call permutes (and so changes which weights survive)
+    plain = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()
+    rep2 = gp.sparsify(plain, x, "1x16", 0.75, check_speed=False, skip=("0", "4")).graphprune_report
+    assert not rep2["permutation"].startswith("skipped")
