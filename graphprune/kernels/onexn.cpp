@@ -854,7 +854,7 @@ static inline float epi1(float v, const float* r, bool relu) {
 // last block of kept channels) the epilogue runs before the store: + rout[...] (the residual at
 // the same offsets as out, if not null), then ReLU when `relu`. With `mb` (masked in-place mode,
 // see Job::mbits; the pairs start at tap 0) vector v of pair q loads only the lanes in
-// mb[v * taps + q % taps], the others read as zeros. MODE 3 is the 3x3 / pad-1 case on a tile
+// mb[v * taps + q % taps], the others read as zeros, and the pairs are summed tap by tap. MODE 3 is the 3x3 / pad-1 case on a tile
 // away from the top and bottom rows (Job::simple3): only the left and right taps mask, with the
 // tile's six masks held in registers (mb[v * 9 + 3] and mb[v * 9 + 5]).
 template <int NC, int V, int MODE = 0>
@@ -911,11 +911,16 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       }
     }
   } else if (mb) {
-    for (int64_t q = 0, t = 0; q < nq; ++q) {
-      pair(q, [&](int v, const float* p) __attribute__((always_inline)) {
-        return vloadm(p, bits_mask(mb + v * taps + t));
-      });
-      t = t + 1 == taps ? 0 : t + 1;
+    // tap outer, channel inner: a tap's V masks are loaded once per tile and block of channels
+    // (pair q = j * taps + t; the prefetch distance taps then points at the next channel)
+    const int64_t nj = nq / taps;
+    for (int64_t t = 0; t < taps; ++t) {
+      MT mk[V];
+      GP_UNROLL for (int v = 0; v < V; ++v) mk[v] = bits_mask(mb + v * taps + t);
+      for (int64_t j = 0; j < nj; ++j)
+        pair(j * taps + t, [&](int v, const float* p) __attribute__((always_inline)) {
+          return vloadm(p, mk[v]);
+        });
     }
   } else {
     for (int64_t q = 0; q < nq; ++q)
