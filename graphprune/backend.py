@@ -369,6 +369,7 @@ def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
     block after it), a 2:4 layer that will run on the 2:4 kernels no input channels (the groups
     of 4 run along them). A "1xN" layer whose groups all keep the same input channels is just
     input-channel pruning, the slim's business: not pinned."""
+    from .kernels.masks import groups_differ_1xn
     from .passes.sparse_ops import semi_structured_ok
 
     pinned = np.zeros(len(dead), bool)
@@ -387,11 +388,7 @@ def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
             if semi_structured_ok(probe):
                 pinned[labs] = True
             continue
-        if len(labs) % s.n:
-            continue
-        k, c = w.shape[:2]
-        blk = (w.detach() != 0).reshape(k // s.n, s.n, c, -1).any(3).any(1)
-        if bool((blk == blk[0]).all()):
+        if len(labs) % s.n or not groups_differ_1xn(w.detach() != 0, s.n):
             continue
         blocks = labs.reshape(-1, s.n)
         pinned[blocks[~dead[blocks].all(1)].reshape(-1)] = True

@@ -182,7 +182,7 @@ def _held_patterns(model: nn.Module, n: int) -> list[str]:
     """Conv/linear layers whose weights already hold a non-trivial uniform 1xN pattern (as after
     `BlockPruner` training, or a model that was sparsified and baked back to dense): the filter
     reordering would mix their groups, and the mask drawn afterwards would drop kept weights."""
-    from .kernels.masks import block_cover_1xn
+    from .kernels.masks import groups_differ_1xn
 
     out = []
     for name, mod in model.named_modules():
@@ -190,12 +190,8 @@ def _held_patterns(model: nn.Module, n: int) -> list[str]:
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or getattr(mod, "groups", 1) != 1 \
                 or not isinstance(w, torch.Tensor):  # fmt: skip
             continue
-        nz = w.detach() != 0
-        cover = block_cover_1xn(nz, n)
-        if cover is not None and nz.any() and not bool(cover.all()):
-            blocks = cover.reshape(w.shape[0] // n, n, w.shape[1], -1)[:, 0, :, 0]
-            if not bool((blocks == blocks[0]).all()):  # not just dead input channels
-                out.append(name)
+        if groups_differ_1xn(w.detach() != 0, n):
+            out.append(name)
     return out
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from graphprune.kernels.masks import (
     block_cover_1xn,
     block_scores_1xn,
+    groups_differ_1xn,
     is_1xn,
     is_24,
     kept_1xn,
@@ -113,6 +114,12 @@ def test_block_cover_1xn_tolerates_zeros_inside_kept_blocks():
     assert block_cover_1xn(uneven, 4) is None
     dense = torch.ones(8, 6, 3, 3, dtype=torch.bool)
     assert torch.equal(block_cover_1xn(dense, 4), dense)
+    # a real pattern (groups keep different channels) vs plain input-channel pruning
+    assert not torch.equal(m[0], m[4]) and groups_differ_1xn(nz, 4)
+    same = torch.zeros(8, 6, 3, 3, dtype=torch.bool)
+    same[:, :3] = True  # both groups keep channels 0..2
+    assert block_cover_1xn(same, 4) is not None and not groups_differ_1xn(same, 4)
+    assert not groups_differ_1xn(dense, 4) and not groups_differ_1xn(uneven, 4)
 
 
 @SETTINGS

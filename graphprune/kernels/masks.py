@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "block_cover_1xn",
     "block_scores_1xn",
+    "groups_differ_1xn",
     "kept_1xn",
     "mask_1xn",
     "mask_24",
@@ -135,13 +136,8 @@ def is_1xn(mask: Tensor, n: int) -> bool:
     return bool((counts == counts[0]).all()) if counts.numel() else True
 
 
-def block_cover_1xn(nonzero: Tensor, n: int) -> Tensor | None:
-    """The uniform 1xN mask of the blocks that hold a nonzero weight (pass ``weight != 0``), or
-    None when groups of N outputs hold different numbers of such blocks or ``K % n != 0``.
-
-    Unlike :func:`is_1xn` a kept block may contain exact zeros (a trained weight can be exactly
-    zero): the sparse op stores them as values, so it still computes exactly the weight's conv.
-    """
+def _cover_blocks(nonzero: Tensor, n: int) -> Tensor | None:
+    """[K / N, C]: which blocks hold a nonzero; None unless every group holds as many."""
     if nonzero.dim() not in (2, 4) or n < 1 or nonzero.shape[0] % n != 0:
         return None
     k, c = nonzero.shape[:2]
@@ -149,7 +145,26 @@ def block_cover_1xn(nonzero: Tensor, n: int) -> Tensor | None:
     counts = blocks.sum(dim=1)
     if counts.numel() and not bool((counts == counts[0]).all()):
         return None
-    return _expand_blocks(blocks, nonzero, n)
+    return blocks
+
+
+def block_cover_1xn(nonzero: Tensor, n: int) -> Tensor | None:
+    """The uniform 1xN mask of the blocks that hold a nonzero weight (pass ``weight != 0``), or
+    None when groups of N outputs hold different numbers of such blocks or ``K % n != 0``.
+
+    Unlike :func:`is_1xn` a kept block may contain exact zeros (a trained weight can be exactly
+    zero): the sparse op stores them as values, so it still computes exactly the weight's conv.
+    """
+    blocks = _cover_blocks(nonzero, n)
+    return None if blocks is None else _expand_blocks(blocks, nonzero, n)
+
+
+def groups_differ_1xn(nonzero: Tensor, n: int) -> bool:
+    """True when ``nonzero`` (``weight != 0``) has a uniform 1xN block cover whose groups keep
+    different input channels: a pattern only a 1xN op exploits. (Groups that all keep the same
+    channels are plain input-channel pruning, which slimming removes.)"""
+    blocks = _cover_blocks(nonzero, n)
+    return blocks is not None and not bool((blocks == blocks[0]).all())
 
 
 def is_24(mask: Tensor) -> bool:
