@@ -527,8 +527,8 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
   // Stride 1 on NCHW is read in place, rows of W: without padding as is; with padding (pv only,
   // output no wider than the input) through masked loads that read the padding as zeros -- no
   // copy, and no junk columns when Wo == W. GP_1XN_MASKED: 0 never, 2 always, 1 (default) when
-  // the 3x3 fast path (see build_mbits) covers most of the image: the generic masked loop costs
-  // a mask load per vector and pair, which loses to the copy on small images (measured).
+  // the 3x3 fast path (see build_mbits) covers most of the image: off it, the masked loop loses
+  // to the copy on small images (measured).
   const int64_t masked = env_int("GP_1XN_MASKED", 1), stack = env_int("GP_1XN_STACK", 1);
   const bool stackable = g.B > 1 && g.Ho == g.H && g.Wo == g.W && stack != 0;
   if (!x_cl && g.sh == 1 && g.sw == 1 && (!padded || (pv && g.Wo <= g.W && masked != 0))) {
@@ -547,13 +547,11 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
     const double simple = build_mbits(job, g);  // fraction of vectors on the 3x3 fast path
     const bool prefer_stack = stackable && (stack == 2 || simple < 0.85);
     if (masked == 2 || (!prefer_stack && simple >= 0.75)) return x;
-    job.toff.clear();
-    job.mbits = nullptr;
-    job.simple3.clear();
     // Small images of a batch (7x7, 14x14): a pixel vector would waste lanes at the end of each
     // image (49 pixels = 3 vectors + 1), and most vectors touch a first or last row. Copy the
     // batch unpadded with the images side by side instead, and run the masked loop over all of
-    // them as one long row of pixels (GP_1XN_STACK=0: the zero-padded copy as before).
+    // them as one long row of pixels (GP_1XN_STACK=0: the zero-padded copy as before). The taps
+    // keep their offsets (rows of W); only the masks change.
     if (stackable) {
       const int64_t hw = g.H * g.W;
       auto xq = at::empty({g.B * g.C * hw + 64}, x.options());
@@ -565,18 +563,17 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
       pk.cs = g.B * hw;
       pk.units = g.B * g.C;
       job.x = pk.dst;
-      job.Wq = g.W;
       job.cs = g.B * hw;
       job.bs = 0;
       job.n_img = g.B;
       job.B = 1;
       job.L = g.B * hw;
-      for (int64_t r = 0; r < g.R; ++r)
-        for (int64_t s = 0; s < g.S; ++s)
-          job.toff.push_back((r * g.dh - g.ph) * g.W + s * g.dw - g.pw);
       build_mbits(job, g);
       return xq;
     }
+    job.toff.clear();
+    job.mbits = nullptr;
+    job.simple3.clear();
   }
   // phase planes used by some tap
   std::vector<int> plane_of(g.sh * g.sw, -1);
@@ -854,9 +851,10 @@ static inline float epi1(float v, const float* r, bool relu) {
 // last block of kept channels) the epilogue runs before the store: + rout[...] (the residual at
 // the same offsets as out, if not null), then ReLU when `relu`. With `mb` (masked in-place mode,
 // see Job::mbits; the pairs start at tap 0) vector v of pair q loads only the lanes in
-// mb[v * taps + q % taps], the others read as zeros, and the pairs are summed tap by tap. MODE 3 is the 3x3 / pad-1 case on a tile
-// away from the top and bottom rows (Job::simple3): only the left and right taps mask, with the
-// tile's six masks held in registers (mb[v * 9 + 3] and mb[v * 9 + 5]).
+// mb[v * taps + q % taps], the others read as zeros, and the pairs are summed tap by tap. MODE 3
+// is the 3x3 / pad-1 case on a tile away from the top and bottom rows (Job::simple3): only the
+// left and right taps mask, with the tile's six masks held in registers (mb[v * 9 + 3] and
+// mb[v * 9 + 5]).
 template <int NC, int V, int MODE = 0>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
@@ -880,7 +878,7 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
     }
   }
   // One (channel, tap) pair q: prefetch, V pixel vectors loaded by load(v, address), NC x V FMAs.
-  // Three copies of the loop over pairs, so the unmasked one carries no tap counter.
+  // The three loops below differ only in where the masks come from and the order of the pairs.
   auto pair = [&](int64_t q, auto load) __attribute__((always_inline)) {
     const float* xa = x + off[q];
     const float* wq = w + q * N;
