@@ -24,6 +24,10 @@ PATHS = ["cpp", "cpp-avx2", "reference"]
 # + the C++ kernel with the masked in-place mode forced on every stride-1 padded NCHW conv
 # (GP_1XN_MASKED=2; by default it runs only where its 3x3 fast path covers most of the image)
 CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked"]
+# + the C++ kernel with the channel-blocked ov mode forced on every linear (GP_1XN_OVB=2; by
+# default it runs only where a tile's rows of all input channels would not stay in L1)
+LINEAR_PATHS = [*PATHS, "cpp-ovb", "cpp-avx2-ovb"]
+FORCED = {"-masked": "GP_1XN_MASKED", "-ovb": "GP_1XN_OVB"}
 SETTINGS = settings(max_examples=50, deadline=None)
 
 
@@ -34,16 +38,17 @@ def _run_path(path: str, fn):
             return fn()
     if not CPP:
         pytest.skip("the 1xN C++ kernel is not available")
-    if path.endswith("-masked"):
-        old = os.environ.get("GP_1XN_MASKED")
-        os.environ["GP_1XN_MASKED"] = "2"
-        try:
-            return _run_path(path.removesuffix("-masked"), fn)
-        finally:
-            if old is None:
-                del os.environ["GP_1XN_MASKED"]
-            else:
-                os.environ["GP_1XN_MASKED"] = old
+    for suffix, var in FORCED.items():
+        if path.endswith(suffix):
+            old = os.environ.get(var)
+            os.environ[var] = "2"
+            try:
+                return _run_path(path.removesuffix(suffix), fn)
+            finally:
+                if old is None:
+                    del os.environ[var]
+                else:
+                    os.environ[var] = old
     if path == "cpp-avx2":
         with onexn.use_isa("avx2"):
             return fn()
@@ -119,7 +124,7 @@ def test_conv_matches_dense_masked(
         assert y.is_contiguous()
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", LINEAR_PATHS)
 @SETTINGS
 @given(
     lead=st.lists(st.integers(1, 5), min_size=1, max_size=2),
@@ -153,6 +158,50 @@ def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, r
         )  # fmt: skip
     assert y.shape == ref.shape and _rel_err(y, ref) < 1e-5
     assert torch.equal(y, y_op)
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"GP_1XN_OVB": "0"}, {"GP_1XN_OVB_WKB": "64", "GP_1XN_OVB_ROWS": "30"}]
+)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "m,c,k,n,sparsity",
+    [
+        (200, 768, 256, 16, 0.75),
+        (37, 1000, 96, 32, 0.5),
+        (50, 600, 128, 64, 0.875),
+        (3, 513, 48, 16, 0.5),
+    ],
+)
+def test_linear_channel_blocked(monkeypatch, env, threads, m, c, k, n, sparsity):
+    """Linear layers with many input channels (the channel-blocked ov mode by default: several
+    256-channel blocks, a ragged last one, blocks where a group keeps nothing, 24-row tiles with
+    ragged ends, group blocks) match dense masked, with and without the fused epilogue."""
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    for key, val in env.items():
+        monkeypatch.setenv(key, val)
+    torch.manual_seed(m + c)
+    lin = nn.Linear(c, k)
+    with torch.no_grad():  # channels >= 256 of group 0 are all pruned: empty blocks
+        lin.weight[:n, 256:] *= 1e-3
+    mask = mask_1xn(lin.weight, n, sparsity)
+    sp = onexn.Linear1xN.from_dense(lin, mask, n)
+    x, res = torch.randn(m, c), torch.randn(m, k)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ref = F.linear(x.double(), (lin.weight * mask).double(), lin.bias.double())
+            y = sp(x)
+            sp.relu = True
+            y_epi = sp(x, res)
+            y_avx2 = _run_path("cpp-avx2", lambda: sp(x, res))
+    finally:
+        torch.set_num_threads(old)
+    assert _rel_err(y, ref.float()) < 1e-5
+    ref_epi = _epi_ref(ref, res, True).float()
+    assert _rel_err(y_epi, ref_epi) < 1e-5 and _rel_err(y_avx2, ref_epi) < 1e-5
 
 
 @pytest.mark.parametrize("l1_kb", [None, "1"])
@@ -197,6 +246,9 @@ TILING = [
     {"GP_1XN_STACK": "2"},
     {"GP_1XN_STACK": "2", "GP_1XN_SMALL_KB": "0", "GP_1XN_L2_KB": "16"},
     {"GP_1XN_STACK": "0"},
+    {"GP_1XN_OVB": "2"},
+    {"GP_1XN_OVB": "2", "GP_1XN_OVB_ROWS": "1", "GP_1XN_OVB_WKB": "64"},
+    {"GP_1XN_OVB": "0"},
 ]
 
 

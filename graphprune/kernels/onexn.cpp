@@ -18,6 +18,12 @@
 // last row) the batch is copied unpadded with its images side by side and the masked loop runs
 // over them as one long row of pixels (vectors and tiles may span two images).
 //
+// Linear layers (and NHWC 1x1 convs) with many input channels use ov channel-blocked (ovb): per
+// tile of 24 rows, one block of 256 input channels is copied into a 24 KB buffer that stays in
+// L1 while every group adds its kept channels of the block into its outputs (partial sums in y),
+// instead of each group reading its kept channels of the whole rows from L2 (measured 1.2-1.35x
+// faster on ViT-B linears).
+//
 // Two micro-kernels:
 //   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; writes NCHW in place (one
 //     masked store per output row a vector touches, junk columns masked off).
@@ -45,18 +51,21 @@
 //
 // Tuning knobs (environment, read per call): GP_1XN_L2_KB (activation bytes per unit, 512),
 // GP_1XN_SMALL_KB (activations of the whole batch up to this size count as L2-resident: units
-// are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit,
-// 1024), GP_1XN_L1_KB (activation bytes per channel block,
-// 24), GP_1XN_PFD (L1 prefetch distance in pairs; 0 disables; default 8 for 1x1, R*S else), GP_1XN_PF (1 enables a software
-// L2 prefetch of the next unit; off by default: it loses when the activations are already in
-// L3, as between layers), GP_1XN_FUSE_KB (planar copies above this size use row-block mode,
+// are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit, 1024), GP_1XN_L1_KB
+// (activation bytes per channel block, 24), GP_1XN_PFD (L1 prefetch distance in pairs; 0
+// disables; default 8 for 1x1, R*S else), GP_1XN_PF (1 enables a software L2 prefetch of the
+// next unit; off by default: it loses when the activations are already in L3, as between
+// layers), GP_1XN_FUSE_KB (planar copies above this size use row-block mode,
 // 1024), GP_1XN_RB_WKB (max weight bytes of all groups for row-block mode, 384), GP_1XN_ORDER
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
 // last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
 // GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the 3x3 fast path
 // covers at least 3/4 of the image's pixel vectors, 85% when the stacked mode is the other
 // choice), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
-// for batches of more than one image where that mode is not chosen).
+// for batches of more than one image where that mode is not chosen), GP_1XN_OVB (channel-blocked
+// ov: 0 never, 2 whenever it applies, 1 when a tile's rows of all channels exceed GP_1XN_L1_KB),
+// GP_1XN_OVB_WKB (its weight bytes per group block, 4096 KB), GP_1XN_OVB_ROWS (its rows per
+// unit, 192), GP_1XN_OVB_WPF (its weight prefetch distance, 512 bytes).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -83,6 +92,9 @@
 #include <vector>
 
 #define GP_UNROLL _Pragma("GCC unroll 32")
+// ovb (see Job::ovb): input channels per block, the row stride of its copy of a tile (24 rows of
+// 1 KB with AVX-512: half of L1)
+constexpr int64_t kOvbCb = 256;
 
 namespace gp {
 
@@ -205,6 +217,13 @@ struct Job {
   const Pack* pk = nullptr;
   int64_t rb_rows = 1, loc_rows = 0, loc_plane = 0, loc_floats = 0;
   int64_t chunk = 1;     // items handed to a thread at a time
+  // ov, channel-blocked (1x1 reading rows of all C channels in place: linear, NHWC 1x1 conv):
+  // a tile's rows of one block of ovb_cb input channels stay in L1 while every group of the
+  // item sweeps them, summing into y block by block; group g's kept channels in block k are
+  // j in [cbound[g * (ncb + 1) + k], cbound[g * (ncb + 1) + k + 1])
+  bool ovb = false;
+  int64_t ovb_cb = 0, ncb = 0, ovb_wpf = 512;
+  std::vector<int32_t> cbound;
   std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
 };
 
@@ -344,6 +363,57 @@ static int pv_tile_px() {
 static int ov_tile_px() {
   return g_isa == Isa::AVX512 ? avx512::ov_tile_px() : avx2::ov_tile_px();
 }
+static int ovb_tile_px() {
+  return g_isa == Isa::AVX512 ? avx512::ovb_tile_px() : avx2::ovb_tile_px();
+}
+
+// Channel-blocked ov (Job::ovb) for a 1x1 job reading rows of all C channels in place, when a
+// tile's rows of all channels would not stay in L1 (GP_1XN_OVB: 0 never, 2 whenever it applies):
+// the blocks, each group's kept range per block, and enough group blocks that one block's
+// weights stay in L2 while the tiles of a unit go by (GP_1XN_OVB_WKB, KB).
+static void plan_ovb(Job& job) {
+  job.ovb = false;
+  const int64_t mode = env_int("GP_1XN_OVB", 1);
+  const int64_t tp = ovb_tile_px();
+  if (mode == 0 || job.kind != Kind::OV || job.taps != 1 || job.cs != 1 || job.ld != job.C ||
+      job.N % vec_width() != 0 || job.kept == 0 || job.toff.size() != 1 || job.toff[0] != 0 ||
+      job.Wq != job.Wo)
+    return;
+  const int64_t l1 = env_int("GP_1XN_L1_KB", 24) * 1024;
+  if (mode != 2 && 4 * tp * job.C <= l1) return;
+  for (int64_t g = 0; g < job.G; ++g)  // blocks need each group's channels sorted
+    for (int64_t j = 1; j < job.kept; ++j)
+      if (job.idx[g * job.kept + j] <= job.idx[g * job.kept + j - 1]) return;
+  job.ovb_wpf = env_int("GP_1XN_OVB_WPF", 512);
+  job.ovb_cb = kOvbCb;
+  job.ncb = (job.C + job.ovb_cb - 1) / job.ovb_cb;
+  const int64_t nb = job.ncb + 1;
+  job.cbound.assign(job.G * nb, 0);
+  for (int64_t g = 0; g < job.G; ++g) {
+    const int32_t* ig = job.idx + g * job.kept;
+    for (int64_t k = 0; k < nb; ++k) {
+      const int32_t c = (int32_t)std::min(job.C, k * job.ovb_cb);
+      job.cbound[g * nb + k] = (int32_t)(std::lower_bound(ig, ig + job.kept, c) - ig);
+    }
+    job.cbound[g * nb + job.ncb] = (int32_t)job.kept;
+  }
+  const double wbytes = 4.0 * job.G * job.kept * job.N;
+  const double wl2 = std::max<int64_t>(64, env_int("GP_1XN_OVB_WKB", 4096)) * 1024.0;
+  const int64_t nth = std::max(1, at::get_num_threads());
+  // units: rows of x are read once per group block, while a block's weights are read once per
+  // unit, so units are longer than L2-sized (GP_1XN_OVB_ROWS rows)
+  const int64_t rows = std::max<int64_t>(1, env_int("GP_1XN_OVB_ROWS", 192));
+  job.mt_tiles =
+      std::max<int64_t>(1, std::min<int64_t>(job.ntile_img, (rows + job.tile / 2) / job.tile));
+  job.n_blk = (job.ntile_img + job.mt_tiles - 1) / job.mt_tiles;
+  job.n_units = job.B * job.n_blk;
+  job.g_outer = false;
+  job.n_gb = std::max<int64_t>(1, (int64_t)((wbytes + wl2 - 1) / wl2));
+  // (every group block copies the rows again: split only as far as the threads need)
+  while (nth > 1 && job.n_units * job.n_gb < 2 * nth && job.n_gb < job.G) job.n_gb *= 2;
+  job.n_gb = std::min(job.n_gb, job.G);
+  job.ovb = true;
+}
 
 // Fill in tiling and item order once geometry and pointers are set.
 static void plan_tiles(Job& job) {
@@ -427,6 +497,7 @@ static void plan_tiles(Job& job) {
   job.pfd = std::min<int64_t>(48, std::max<int64_t>(0, env_int("GP_1XN_PFD", pfd)));
   job.pf_start = job.toff.empty() ? 0 : job.toff.front();
   job.pf_extra = span;
+  plan_ovb(job);
 }
 
 // x is NHWC in memory: transpose rows of pixels into channel planes, 16 channels at a time.
@@ -825,6 +896,9 @@ static constexpr int ov_nv() { return 2; }  // output vectors per ov chunk (max)
 static constexpr int ov_pmax(int nv) { return std::min(12, (NREG - 4) / nv); }
 int pv_tile_px() { return W * pv_vmax(pv_nc()); }
 int ov_tile_px() { return ov_pmax(ov_nv()); }
+// ovb: rows per tile with one output vector (two take two passes of half as many rows)
+static constexpr int ovb_pmax(int nv) { return std::min(24, (NREG - 4) / nv); }
+int ovb_tile_px() { return ovb_pmax(1); }
 
 // Where the lanes of each pixel vector of a pv tile go: vector v stores lanes `mask[v][k]` at
 // out + n * ldo + off[v][k] for k < count[v] (one segment per output row it touches, junk
@@ -1051,6 +1125,55 @@ static const std::array<std::array<OvFn, 13>, 6> kOv = {{
     ov_row<1, true, false>(), ov_row<2, true, false>(), ov_row<1, true, true>(),
 }};
 
+// ovb micro-kernel: P rows x NV vectors of W outputs over the nq kept channels idx[0..nq) of one
+// channel block; row p of x at x + p * kOvbCb (a constant: one base register per channel), of
+// out (and res) at out + p * ldo. The sums start from out itself (acc_in: an earlier channel
+// block wrote them) or from the bias; res (the residual) and relu are passed for the last block
+// only.
+template <int NV, int P>
+static void ovb_tile(const float* __restrict x, const int32_t* __restrict idx,
+                     int64_t nq, const float* __restrict w, int64_t N,
+                     const float* __restrict bias, float* __restrict out, int64_t ldo,
+                     bool acc_in, const float* __restrict res, bool relu, int64_t wpf) {
+  VT acc[P][NV];
+  GP_UNROLL for (int p = 0; p < P; ++p)
+    GP_UNROLL for (int v = 0; v < NV; ++v)
+      acc[p][v] = acc_in ? vload(out + p * ldo + v * W) : bias ? vload(bias + v * W) : vzero();
+  for (int64_t q = 0; q < nq; ++q) {
+    const float* xa = x + idx[q];
+    // (a plain base register: the FMAs' loads then need no index register, which would split
+    // each into two uops)
+    __asm__("" : "+r"(xa));
+    const float* wq = w + q * N;
+    _mm_prefetch((const char*)wq + wpf, _MM_HINT_T0);
+    VT b[NV];
+    GP_UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(wq + v * W);
+    GP_UNROLL for (int p = 0; p < P; ++p) {
+      const VT a = vset1(xa[p * kOvbCb]);
+      GP_UNROLL for (int v = 0; v < NV; ++v) acc[p][v] = vfma(a, b[v], acc[p][v]);
+    }
+  }
+  const MT all = vmask(W);
+  GP_UNROLL for (int p = 0; p < P; ++p)
+    GP_UNROLL for (int v = 0; v < NV; ++v) {
+      VT s = acc[p][v];
+      if (res || relu) s = epi(s, res ? res + p * ldo + v * W : nullptr, all, relu);
+      vstore(out + p * ldo + v * W, s);
+    }
+}
+
+using OvbFn = void (*)(const float*, const int32_t*, int64_t, const float*, int64_t,
+                       const float*, float*, int64_t, bool, const float*, bool, int64_t);
+template <int NV, int... Ps>
+static constexpr std::array<OvbFn, 25> ovb_row(std::integer_sequence<int, Ps...>) {
+  return {{&ovb_tile<NV, std::max(1, std::min(Ps, ovb_pmax(NV)))>...}};
+}
+// [NV - 1][P]
+static const std::array<std::array<OvbFn, 25>, 2> kOvb = {{
+    ovb_row<1>(std::make_integer_sequence<int, 25>{}),
+    ovb_row<2>(std::make_integer_sequence<int, 25>{}),
+}};
+
 // Copy a pv tile buffer buf[n][f - f0] (flat positions f0..f0+cnt) into the NHWC output,
 // dropping junk columns.
 static void pv_writeback(const Job& jb, const float* buf, int64_t ldb, int64_t nc, int64_t k0,
@@ -1243,6 +1366,62 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
   }
 }
 
+// Groups [g_lo, g_hi) over unit u, channel-blocked (see Job::ovb): per tile of rows, per block of
+// input channels, every group adds that block's kept channels into its outputs. The block is
+// first copied into xbuf (rows of ovb_cb floats): rows of x lie C floats apart, and with C a
+// multiple of 1024 (4 KB) every row's block would fall in the same L1 sets.
+static void ovb_unit(const Job& jb, int64_t u, int64_t g_lo, int64_t g_hi, float* xbuf) {
+  const UnitRange r = unit_range(jb, u);
+  const int64_t HoWo = jb.Ho * jb.Wo, TP = ovb_tile_px();
+  const int64_t fa = r.fa * jb.L / jb.ntile_img, fb = r.fb * jb.L / jb.ntile_img;
+  const int64_t nb = jb.ncb + 1;
+  // tiles of equal height (49 rows: 17 + 16 + 16, not 24 + 24 + 1: every tile sweeps all weights)
+  const int64_t ntl = (fb - fa + TP - 1) / TP;
+  for (int64_t t = 0; t < ntl; ++t) {
+    const int64_t f0 = fa + (fb - fa) * t / ntl, f1 = fa + (fb - fa) * (t + 1) / ntl;
+    const int64_t rows = f1 - f0;
+    const float* xt = jb.x + r.b * jb.bs + f0 * jb.ld;
+    float* yt = jb.y + (r.b * HoWo + f0) * jb.K;
+    const float* rt = jb.res ? jb.res + (r.b * HoWo + f0) * jb.K : nullptr;
+    for (int64_t k = 0; k < jb.ncb; ++k) {
+      const bool fin = k + 1 == jb.ncb;
+      const int64_t c0 = k * jb.ovb_cb, cn = std::min(jb.ovb_cb, jb.C - c0);
+      for (int64_t p = 0; p < rows; ++p)
+        std::memcpy(xbuf + p * jb.ovb_cb, xt + p * jb.ld + c0, 4 * cn);
+      const float* xk = xbuf - c0;  // kept channel c of row p at xk + p * ovb_cb + c
+      // the next block's rows (or the next tile's first block) go to L2 while the groups run,
+      // a share of the lines per group
+      const bool last_k = k + 1 == jb.ncb;
+      const int64_t next_rows = t + 1 < ntl ? fa + (fb - fa) * (t + 2) / ntl - f1 : 0;
+      const int64_t pf_rows = last_k ? next_rows : rows;
+      const char* pf_base = (const char*)(last_k ? xt + rows * jb.ld : xt + c0 + jb.ovb_cb);
+      const int64_t pf_cn = std::min(jb.ovb_cb, last_k ? jb.C : jb.C - c0 - jb.ovb_cb);
+      const int64_t row_lines = (4 * pf_cn + 63) / 64, pf_lines = pf_rows * row_lines;
+      for (int64_t g = g_lo; g < g_hi; ++g) {
+        for (int64_t i = pf_lines * (g - g_lo) / (g_hi - g_lo),
+                     e = pf_lines * (g + 1 - g_lo) / (g_hi - g_lo);
+             i < e; ++i)
+          _mm_prefetch(pf_base + (i / row_lines) * 4 * jb.ld + (i % row_lines) * 64, _MM_HINT_T1);
+        const int64_t j0 = jb.cbound[g * nb + k], j1 = jb.cbound[g * nb + k + 1];
+        if (k > 0 && j0 == j1 && !fin) continue;
+        const int32_t* ig = jb.idx + g * jb.kept + j0;
+        const float* wg = jb.w + (g * jb.kept + j0) * jb.N;
+        for (int64_t n0 = 0; n0 < jb.N;) {
+          const int64_t nv = jb.N - n0 >= 2 * W ? 2 : 1, pm = ovb_pmax((int)nv);
+          const int64_t k0 = g * jb.N + n0;
+          for (int64_t p0 = 0; p0 < rows; p0 += pm) {
+            const int64_t P = std::min(pm, rows - p0);
+            kOvb[nv - 1][P](xk + p0 * kOvbCb, ig, j1 - j0, wg + n0, jb.N,
+                            jb.bias ? jb.bias + k0 : nullptr, yt + p0 * jb.K + k0, jb.K, k > 0,
+                            fin && rt ? rt + p0 * jb.K + k0 : nullptr, fin && jb.relu, jb.ovb_wpf);
+          }
+          n0 += nv * W;
+        }
+      }
+    }
+  }
+}
+
 // Claim chunks of (unit x group block) items until none are left. The next chunk is claimed
 // before the current one runs, so the next unit's rows can be prefetched while this one computes.
 void run(const Job& jb) {
@@ -1255,6 +1434,8 @@ void run(const Job& jb) {
   if ((int64_t)tbuf.size() < 16 * 2 * W) tbuf.resize(16 * 2 * W);
   if (jb.rb && (int64_t)loc.size() < jb.loc_floats) loc.resize(jb.loc_floats);
   if ((int64_t)off.size() < jb.kept * jb.taps + kOffPad) off.resize(jb.kept * jb.taps + kOffPad);
+  if (jb.ovb && (int64_t)tbuf.size() < ovb_tile_px() * jb.ovb_cb)
+    tbuf.resize(ovb_tile_px() * jb.ovb_cb);
   int64_t g_filled = -1, packed = -1;
   auto claim = [&]() -> int64_t {
     const int64_t lo = jb.next->fetch_add(1, std::memory_order_relaxed) * jb.chunk;
@@ -1270,6 +1451,10 @@ void run(const Job& jb) {
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t u = unit_of(it), gb = gb_of(it);
       const int64_t g_lo = jb.G * gb / jb.n_gb, g_hi = jb.G * (gb + 1) / jb.n_gb;
+      if (jb.ovb) {
+        ovb_unit(jb, u, g_lo, g_hi, tbuf.data());
+        continue;
+      }
       if (jb.kind == Kind::OV) {
         for (int64_t g = g_lo; g < g_hi; ++g) {
           if (g != g_filled) fill_offsets(jb, g, off.data());
