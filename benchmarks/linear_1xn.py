@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +30,8 @@ SHAPES = [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 30
 
 def _with_env(fn, env: dict[str, str]):
     def run():
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with mock.patch.dict(os.environ, env):
             return fn()
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
 
     return run
 

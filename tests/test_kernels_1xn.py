@@ -8,6 +8,7 @@ import io
 import os
 import pickle
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -40,15 +41,8 @@ def _run_path(path: str, fn):
         pytest.skip("the 1xN C++ kernel is not available")
     for suffix, var in FORCED.items():
         if path.endswith(suffix):
-            old = os.environ.get(var)
-            os.environ[var] = "2"
-            try:
+            with mock.patch.dict(os.environ, {var: "2"}):
                 return _run_path(path.removesuffix(suffix), fn)
-            finally:
-                if old is None:
-                    del os.environ[var]
-                else:
-                    os.environ[var] = old
     if path == "cpp-avx2":
         with onexn.use_isa("avx2"):
             return fn()

@@ -187,6 +187,7 @@ struct Job {
   // weights
   const float* w = nullptr;
   const int32_t* idx = nullptr;
+  bool idx_sorted = false;  // every group's idx strictly increasing (as onexn.py packs them)
   const float* bias = nullptr;
   int64_t N = 1, G = 1, kept = 0, K = 1;
   // output
@@ -218,11 +219,11 @@ struct Job {
   int64_t rb_rows = 1, loc_rows = 0, loc_plane = 0, loc_floats = 0;
   int64_t chunk = 1;     // items handed to a thread at a time
   // ov, channel-blocked (1x1 reading rows of all C channels in place: linear, NHWC 1x1 conv):
-  // a tile's rows of one block of ovb_cb input channels stay in L1 while every group of the
+  // a tile's rows of one block of kOvbCb input channels stay in L1 while every group of the
   // item sweeps them, summing into y block by block; group g's kept channels in block k are
   // j in [cbound[g * (ncb + 1) + k], cbound[g * (ncb + 1) + k + 1])
   bool ovb = false;
-  int64_t ovb_cb = 0, ncb = 0, ovb_wpf = 512;
+  int64_t ncb = 0, ovb_wpf = 512;
   std::vector<int32_t> cbound;
   std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
 };
@@ -380,19 +381,16 @@ static void plan_ovb(Job& job) {
       job.Wq != job.Wo)
     return;
   const int64_t l1 = env_int("GP_1XN_L1_KB", 24) * 1024;
-  if (mode != 2 && 4 * tp * job.C <= l1) return;
-  for (int64_t g = 0; g < job.G; ++g)  // blocks need each group's channels sorted
-    for (int64_t j = 1; j < job.kept; ++j)
-      if (job.idx[g * job.kept + j] <= job.idx[g * job.kept + j - 1]) return;
+  // (the blocks need each group's channels sorted)
+  if (!job.idx_sorted || (mode != 2 && 4 * tp * job.C <= l1)) return;
   job.ovb_wpf = env_int("GP_1XN_OVB_WPF", 512);
-  job.ovb_cb = kOvbCb;
-  job.ncb = (job.C + job.ovb_cb - 1) / job.ovb_cb;
+  job.ncb = (job.C + kOvbCb - 1) / kOvbCb;
   const int64_t nb = job.ncb + 1;
   job.cbound.assign(job.G * nb, 0);
   for (int64_t g = 0; g < job.G; ++g) {
     const int32_t* ig = job.idx + g * job.kept;
     for (int64_t k = 0; k < nb; ++k) {
-      const int32_t c = (int32_t)std::min(job.C, k * job.ovb_cb);
+      const int32_t c = (int32_t)std::min(job.C, k * kOvbCb);
       job.cbound[g * nb + k] = (int32_t)(std::lower_bound(ig, ig + job.kept, c) - ig);
     }
     job.cbound[g * nb + job.ncb] = (int32_t)job.kept;
@@ -731,7 +729,8 @@ static void run_job(Job& job, const Pack& pk) {
   }
 }
 
-static void check_weights(const at::Tensor& values, const at::Tensor& indices,
+// Checks the packed weights; returns whether every group's indices are strictly increasing.
+static bool check_weights(const at::Tensor& values, const at::Tensor& indices,
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t C,
                           int64_t taps) {
   TORCH_CHECK(values.dim() == 3 && values.scalar_type() == at::kFloat && values.is_contiguous(),
@@ -744,14 +743,19 @@ static void check_weights(const at::Tensor& values, const at::Tensor& indices,
   TORCH_CHECK(values.size(2) == taps * n, "graphprune 1xN: values last dim ", values.size(2),
               " != R*S*N = ", taps * n);
   const int32_t* ip = indices.data_ptr<int32_t>();
-  for (int64_t i = 0; i < indices.numel(); ++i)
+  const int64_t kept = indices.size(1);
+  bool sorted = true;
+  for (int64_t i = 0; i < indices.numel(); ++i) {
     TORCH_CHECK(ip[i] >= 0 && ip[i] < C, "graphprune 1xN: index ", ip[i], " out of range [0, ",
                 C, ")");
+    sorted = sorted && (i % kept == 0 || ip[i] > ip[i - 1]);
+  }
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                     bias->numel() == values.size(0) * n,
                 "graphprune 1xN: bias must be contiguous float32 with K elements");
   }
+  return sorted;
 }
 
 // The epilogue's residual, laid out like y (a copy only when its layout differs); null if none.
@@ -802,7 +806,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
   g.Ho = (g.H + 2 * ph - dh * (R - 1) - 1) / sh + 1;
   g.Wo = (g.W + 2 * pw - dw * (S - 1) - 1) / sw + 1;
   TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "graphprune 1xN: output would be empty");
-  check_weights(values, indices, bias, n, g.C, R * S);
+  const bool sorted = check_weights(values, indices, bias, n, g.C, R * S);
   g.K = values.size(0) * n;
   auto opts = x.options();
   at::Tensor y = x_cl ? at::empty({g.B, g.K, g.Ho, g.Wo},
@@ -813,6 +817,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
   Job job;
   Pack pk;
   fill_weights(job, values, indices, bias, n);
+  job.idx_sorted = sorted;
   job.taps = R * S;
   job.C = g.C;
   job.B = g.B; job.Ho = g.Ho; job.Wo = g.Wo;
@@ -847,10 +852,11 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
               "graphprune 1xN: x must be a 2-D float32 CPU tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), C = x.size(1);
-  check_weights(values, indices, bias, n, C, 1);
+  const bool sorted = check_weights(values, indices, bias, n, C, 1);
   Job job;
   Pack pk;
   fill_weights(job, values, indices, bias, n);
+  job.idx_sorted = sorted;
   auto y = at::empty({M, job.K}, x.options());
   if (M == 0) return y;
   job.taps = 1;
@@ -1368,7 +1374,7 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
 
 // Groups [g_lo, g_hi) over unit u, channel-blocked (see Job::ovb): per tile of rows, per block of
 // input channels, every group adds that block's kept channels into its outputs. The block is
-// first copied into xbuf (rows of ovb_cb floats): rows of x lie C floats apart, and with C a
+// first copied into xbuf (rows of kOvbCb floats): rows of x lie C floats apart, and with C a
 // multiple of 1024 (4 KB) every row's block would fall in the same L1 sets.
 static void ovb_unit(const Job& jb, int64_t u, int64_t g_lo, int64_t g_hi, float* xbuf) {
   const UnitRange r = unit_range(jb, u);
@@ -1384,18 +1390,17 @@ static void ovb_unit(const Job& jb, int64_t u, int64_t g_lo, int64_t g_hi, float
     float* yt = jb.y + (r.b * HoWo + f0) * jb.K;
     const float* rt = jb.res ? jb.res + (r.b * HoWo + f0) * jb.K : nullptr;
     for (int64_t k = 0; k < jb.ncb; ++k) {
-      const bool fin = k + 1 == jb.ncb;
-      const int64_t c0 = k * jb.ovb_cb, cn = std::min(jb.ovb_cb, jb.C - c0);
+      const bool fin = k + 1 == jb.ncb;  // the last block: the epilogue runs in its stores
+      const int64_t c0 = k * kOvbCb, cn = std::min(kOvbCb, jb.C - c0);
       for (int64_t p = 0; p < rows; ++p)
-        std::memcpy(xbuf + p * jb.ovb_cb, xt + p * jb.ld + c0, 4 * cn);
-      const float* xk = xbuf - c0;  // kept channel c of row p at xk + p * ovb_cb + c
+        std::memcpy(xbuf + p * kOvbCb, xt + p * jb.ld + c0, 4 * cn);
+      const float* xk = xbuf - c0;  // kept channel c of row p at xk + p * kOvbCb + c
       // the next block's rows (or the next tile's first block) go to L2 while the groups run,
       // a share of the lines per group
-      const bool last_k = k + 1 == jb.ncb;
       const int64_t next_rows = t + 1 < ntl ? fa + (fb - fa) * (t + 2) / ntl - f1 : 0;
-      const int64_t pf_rows = last_k ? next_rows : rows;
-      const char* pf_base = (const char*)(last_k ? xt + rows * jb.ld : xt + c0 + jb.ovb_cb);
-      const int64_t pf_cn = std::min(jb.ovb_cb, last_k ? jb.C : jb.C - c0 - jb.ovb_cb);
+      const int64_t pf_rows = fin ? next_rows : rows;
+      const char* pf_base = (const char*)(fin ? xt + rows * jb.ld : xt + c0 + kOvbCb);
+      const int64_t pf_cn = std::min(kOvbCb, fin ? jb.C : jb.C - c0 - kOvbCb);
       const int64_t row_lines = (4 * pf_cn + 63) / 64, pf_lines = pf_rows * row_lines;
       for (int64_t g = g_lo; g < g_hi; ++g) {
         for (int64_t i = pf_lines * (g - g_lo) / (g_hi - g_lo),
@@ -1434,8 +1439,7 @@ void run(const Job& jb) {
   if ((int64_t)tbuf.size() < 16 * 2 * W) tbuf.resize(16 * 2 * W);
   if (jb.rb && (int64_t)loc.size() < jb.loc_floats) loc.resize(jb.loc_floats);
   if ((int64_t)off.size() < jb.kept * jb.taps + kOffPad) off.resize(jb.kept * jb.taps + kOffPad);
-  if (jb.ovb && (int64_t)tbuf.size() < ovb_tile_px() * jb.ovb_cb)
-    tbuf.resize(ovb_tile_px() * jb.ovb_cb);
+  if (jb.ovb && (int64_t)tbuf.size() < ovb_tile_px() * kOvbCb) tbuf.resize(ovb_tile_px() * kOvbCb);
   int64_t g_filled = -1, packed = -1;
   auto claim = [&]() -> int64_t {
     const int64_t lo = jb.next->fetch_add(1, std::memory_order_relaxed) * jb.chunk;
