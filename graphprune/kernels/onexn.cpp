@@ -1276,8 +1276,9 @@ static void pv_store_plan(const Job& jb, int64_t f0, int64_t cnt, bool in_place,
         ++k;
         i = end;
       }
-    } else if (!in_place) {
-      st.off[v][0] = v * W;
+    } else if (!in_place || junk == 0) {
+      // (a plane without junk columns is the NCHW output itself: one segment per vector)
+      st.off[v][0] = in_place ? f : v * W;
       st.mask[v][0] = vmask(lanes);
       k = 1;
     } else {
