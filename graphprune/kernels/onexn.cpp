@@ -26,7 +26,8 @@
 //
 // Two micro-kernels:
 //   pv ("pixel vectorised"): NC outputs x V vectors of W pixels; writes NCHW in place (one
-//     masked store per output row a vector touches, junk columns masked off).
+//     masked store per output row a vector touches, junk columns masked off; one per vector
+//     where the plane has no junk columns).
 //   ov ("output vectorised"): P pixels x NV vectors of W outputs (the last one masked when
 //     N % W != 0); natural NHWC store. Used for NHWC output with N % W == 0 or few pixels
 //     (linear layers, GEMV) and for the last few pixels of each image under pv.
@@ -908,7 +909,8 @@ int ovb_tile_px() { return ovb_pmax(1); }
 
 // Where the lanes of each pixel vector of a pv tile go: vector v stores lanes `mask[v][k]` at
 // out + n * ldo + off[v][k] for k < count[v] (one segment per output row it touches, junk
-// columns masked off), so NCHW output is written in place even with padded planes.
+// columns masked off; a single segment on planes without junk columns), so NCHW output is
+// written in place even with padded planes.
 struct PvStore {
   int count[8];
   int64_t off[8][W + 1];
