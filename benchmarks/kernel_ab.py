@@ -2,8 +2,8 @@
 
 Both builds run the same packed weights on the same input in the same alternating rounds (so
 machine drift cancels), outputs are checked first: bit-equal, or within 1e-5 relative (noted)
-when the change moves some pixels to a path with another summation order. Use it to show that a kernel change
-is faster, or that it costs nothing.
+when the change moves some pixels to a path with another summation order. Use it to show that a
+kernel change is faster, or that it costs nothing.
 
     python benchmarks/kernel_ab.py --rev HEAD~1 [--threads 2] [--batch 8] [--n 16]
 """

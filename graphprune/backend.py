@@ -370,7 +370,7 @@ def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
     of 4 run along them). A "1xN" layer whose groups all keep the same input channels is just
     input-channel pruning, the slim's business: not pinned."""
     from .kernels.masks import groups_differ_1xn
-    from .passes.sparse_ops import semi_structured_ok
+    from .passes.sparse_ops import semi_structured_weight_ok
 
     pinned = np.zeros(len(dead), bool)
     by_name = {s.node: s for s in layers}
@@ -383,9 +383,7 @@ def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
             continue
         labs = a.labels[np.asarray(f.ids).reshape(-1)]
         if s.pattern == "2:4":
-            probe = nn.Linear(1, 1)
-            probe.weight = nn.Parameter(w.detach(), requires_grad=False)
-            if semi_structured_ok(probe):
+            if semi_structured_weight_ok(w):
                 pinned[labs] = True
             continue
         if len(labs) % s.n or not groups_differ_1xn(w.detach() != 0, s.n):
@@ -606,7 +604,7 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
     """Put the found 1xN / 2:4 layers into sparse ops; returns the new graph or None."""
     from .kernels.masks import block_cover_1xn
     from .kernels.onexn import faster_than_dense
-    from .passes.sparse_ops import LayerSparsity, semi_structured_ok, sparse_ops
+    from .passes.sparse_ops import LayerSparsity, semi_structured_weight_ok, sparse_ops
 
     rep["sparse"] = [dict(vars(s)) for s in layers]
     todo = {}
@@ -614,9 +612,7 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
         entry = next(e for e in rep["sparse"] if e["node"] == s.node)
         if s.pattern == "2:4":
             w = get_tensor(gm, next(n for n in gm.graph.nodes if n.name == s.node).args[1].target)
-            probe = nn.Linear(1, 1)
-            probe.weight = nn.Parameter(w.detach(), requires_grad=False)
-            if not semi_structured_ok(probe):
+            if not semi_structured_weight_ok(w):
                 entry["applied"] = "no: 2:4 kernels need CUDA with fp16/bf16 (left dense)"
                 continue
         todo[s.node] = s
@@ -793,18 +789,17 @@ def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_s
     cur = lifted.gm
     try:
         a = analysis_of(lifted)
-        slim = _lossless_slim(a, lifted, rep, find_sparse_layers(cur) if sparse else ())
+        layers = find_sparse_layers(cur) if sparse else []
+        slim = _lossless_slim(a, lifted, rep, layers)
         if slim is not None:
             cur = slim
-        if sparse:
-            layers = find_sparse_layers(cur)
-            if layers:
-                sp = _sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep)
-                if sp is not None:
-                    rep["verify_sparse"] = _verify(sp, cur, lifted.inputs, "sparse graph")
-                    # (pool_layout only for eager: inductor picks its own pool layout, and
-                    # tracing max_pool2d_cl inside Dynamo's shape env fails a guard in 2.13)
-                    cur = _fuse(sp, lifted.inputs, rep, inner == "eager") if fuse else sp
+            layers = find_sparse_layers(cur) if sparse else []  # (weights sliced: found again)
+        sp = _sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep) if layers else None
+        if sp is not None:
+            rep["verify_sparse"] = _verify(sp, cur, lifted.inputs, "sparse graph")
+            # (pool_layout only for eager: inductor picks its own pool layout, and tracing
+            # max_pool2d_cl inside Dynamo's shape env fails a guard in 2.13)
+            cur = _fuse(sp, lifted.inputs, rep, inner == "eager") if fuse else sp
     except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return _pass_through(gm, example_inputs, inner, rep, f"analysis failed: {msg}")

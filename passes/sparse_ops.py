@@ -18,7 +18,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["LayerSparsity", "sparse_ops", "mask_dense", "semi_structured_ok"]
+__all__ = ["LayerSparsity", "sparse_ops", "mask_dense", "semi_structured_ok",
+           "semi_structured_weight_ok"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,12 @@ def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
 
 
 def semi_structured_ok(mod: nn.Module) -> bool:
+    """2:4 kernels apply to this layer's weight (see `semi_structured_weight_ok`)."""
+    return semi_structured_weight_ok(getattr(mod, "weight", None))
+
+
+def semi_structured_weight_ok(w: torch.Tensor | None) -> bool:
     """2:4 kernels apply: CUDA, fp16/bf16, a 2-D weight (linear or 1x1 conv) of friendly dims."""
-    w = getattr(mod, "weight", None)
     if w is None or not w.is_cuda or w.dtype not in (torch.float16, torch.bfloat16):
         return False
     k, c = w.shape[0], w.shape[1]

@@ -124,16 +124,11 @@ def is_1xn(mask: Tensor, n: int) -> bool:
     outputs keeps the same number of blocks. False (never an error) for K % n != 0. For weights,
     pass ``weight != 0`` (a kept weight that is exactly zero breaks the all-or-nothing rule).
     """
-    if mask.dim() not in (2, 4) or n < 1 or mask.shape[0] % n != 0:
+    blocks = _cover_blocks(mask, n)  # the blocks holding any True, if as many in every group
+    if blocks is None:
         return False
     k, c = mask.shape[:2]
-    m = mask.bool().reshape(k // n, n, c, -1)
-    block_all = m.all(dim=3).all(dim=1)
-    block_any = m.any(dim=3).any(dim=1)
-    if not torch.equal(block_all, block_any):
-        return False
-    counts = block_all.sum(dim=1)
-    return bool((counts == counts[0]).all()) if counts.numel() else True
+    return torch.equal(mask.bool().reshape(k // n, n, c, -1).all(dim=3).all(dim=1), blocks)
 
 
 def _cover_blocks(nonzero: Tensor, n: int) -> Tensor | None:
