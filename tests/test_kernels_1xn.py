@@ -227,7 +227,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # (L2) prefetch on / set the next-rows (L1) prefetch distance. GP_1XN_MASKED=2 reads every
 # stride-1 padded NCHW input in place through lane masks, =0 never (packed planes instead);
 # GP_1XN_STACK=2 copies a batch of same-size convs with its images side by side (tiles and
-# vectors across image boundaries; with small units, units too), =0 never.
+# vectors across image boundaries; with small units, units too), =0 never. GP_1XN_PF2 sets the
+# L2 prefetch of 1x1 rows (tiles ahead; by default on only for activations over 2 MB).
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -243,6 +244,8 @@ TILING = [
     {"GP_1XN_OVB": "2"},
     {"GP_1XN_OVB": "2", "GP_1XN_OVB_ROWS": "1", "GP_1XN_OVB_WKB": "64"},
     {"GP_1XN_OVB": "0"},
+    {"GP_1XN_PF2": "1"},
+    {"GP_1XN_PF2": "3", "GP_1XN_PF": "1"},
 ]
 
 

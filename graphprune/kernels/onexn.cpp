@@ -43,7 +43,9 @@
 // block of kept channels, elsewhere where the finished sums are written.
 // When a tile's rows of all channels do not fit in L1 (1x1 layers with many input channels),
 // the pv micro-kernel prefetches the rows of the (channel, tap) pair a few iterations ahead into
-// L1; the hardware prefetchers cannot follow hundreds of rows.
+// L1; the hardware prefetchers cannot follow hundreds of rows. For the same reason, a 1x1 layer
+// whose activations do not fit in L2 also has each pair pull its row of the unit's next tile into
+// L2 (the first group to reach a tile would otherwise wait on L3 or memory for every row).
 // Padded / strided NCHW input whose planar copy would not fit in L2 runs in row-block mode: a
 // unit is a block of output rows, and the thread that claims it first packs the plane rows it
 // reads (all channels) into its own L2-sized buffer, so the copy never goes back to memory.
@@ -66,7 +68,8 @@
 // for batches of more than one image where that mode is not chosen), GP_1XN_OVB (channel-blocked
 // ov: 0 never, 2 whenever it applies, 1 when a tile's rows of all channels exceed GP_1XN_L1_KB),
 // GP_1XN_OVB_WKB (its weight bytes per group block, 4096 KB), GP_1XN_OVB_ROWS (its rows per
-// unit, 192), GP_1XN_OVB_WPF (its weight prefetch distance, 512 bytes).
+// unit, 192), GP_1XN_OVB_WPF (its weight prefetch distance, 512 bytes), GP_1XN_PF2 (the L2
+// prefetch of 1x1 rows, in tiles ahead: 0 off; default 1 where it applies, see plan_tiles).
 //
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
@@ -89,6 +92,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -212,6 +216,7 @@ struct Job {
   int64_t C = 1;         // input channels
   bool pf = false;       // pv: prefetch the next unit's rows (all channels) into L2
   int64_t pfd = 0;       // pv: L1 prefetch distance in (channel, tap) pairs; 0 = off
+  int64_t pf2 = 0;       // pv, 1x1: L2 prefetch of each pair's row this many floats ahead
   int64_t pf_start = 0, pf_extra = 0;  // prefetch window: floats before / after a unit's pixels
   // row-block mode: a unit is a block of rb_rows output rows; its plane rows (loc_rows of them,
   // all channels) are packed by the thread that claims it into its own buffer
@@ -494,6 +499,13 @@ static void plan_tiles(Job& job) {
   const bool l1_fits = job.C * ch_bytes <= 32 * 1024;
   const int64_t pfd = l1_fits ? 0 : job.taps == 1 ? 8 : job.taps;
   job.pfd = std::min<int64_t>(48, std::max<int64_t>(0, env_int("GP_1XN_PFD", pfd)));
+  // 1x1 layers whose activations come from beyond L2 (more than 2 MB of them): each pair also
+  // pulls its row of the unit's next tile into L2 (the hardware prefetchers cannot follow a row
+  // per kept channel). Not for units of a few tiles (14x14, 7x7), whose next tiles are mostly
+  // already there.
+  const bool pf2 = job.kind == Kind::PV && job.taps == 1 && !job.rb &&
+                   4 * job.B * job.C * job.L > 2048 * 1024 && job.mt_tiles >= 4;
+  job.pf2 = std::max<int64_t>(0, env_int("GP_1XN_PF2", pf2 ? 1 : 0)) * job.tile;
   job.pf_start = job.toff.empty() ? 0 : job.toff.front();
   job.pf_extra = span;
   plan_ovb(job);
@@ -941,8 +953,9 @@ template <int NC, int V, int MODE = 0>
 static void pv_tile(const float* __restrict x, const int64_t* __restrict off, int64_t nq,
                     const float* __restrict w, int64_t N, int64_t rem,
                     const float* __restrict bias, float* __restrict out, int64_t ldo,
-                    bool acc_in, const PvStore& st, int64_t pfd, const float* __restrict rout,
-                    bool relu, bool fin, const uint16_t* __restrict mb, int64_t taps) {
+                    bool acc_in, const PvStore& st, int64_t pfd, int64_t pf2,
+                    const float* __restrict rout, bool relu, bool fin,
+                    const uint16_t* __restrict mb, int64_t taps) {
   VT acc[NC][V];
   const MT m = vmask(rem);
   if (acc_in) {
@@ -960,8 +973,9 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
     }
   }
   // One (channel, tap) pair q: prefetch, V pixel vectors loaded by load(v, address), NC x V FMAs.
-  // The three loops below differ only in where the masks come from and the order of the pairs.
-  auto pair = [&](int64_t q, auto load) __attribute__((always_inline)) {
+  // The loops below differ only in where the masks come from, the order of the pairs and (PF2, a
+  // compile-time flag: a run-time test in the loop cost 1-3% on every layer) the L2 prefetch.
+  auto pair = [&](int64_t q, auto load, auto PF2) __attribute__((always_inline)) {
     const float* xa = x + off[q];
     const float* wq = w + q * N;
     if (pfd) {
@@ -969,6 +983,10 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       const char* pa = (const char*)(x + off[q + pfd]);
       GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(pa + 64 * v, _MM_HINT_T0);
       _mm_prefetch(pa + 4 * V * W - 4, _MM_HINT_T0);
+    }
+    if constexpr (decltype(PF2)::value) {
+      const char* p2 = (const char*)(xa + pf2);
+      GP_UNROLL for (int v = 0; v < V; ++v) _mm_prefetch(p2 + 64 * v, _MM_HINT_T1);
     }
     VT a[V];
     GP_UNROLL for (int v = 0; v < V; ++v) a[v] = load(v, xa + v * W);
@@ -987,7 +1005,7 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       GP_UNROLL for (int t = 0; t < 3; ++t) {
         pair(q0 + t, [&](int v, const float* p) __attribute__((always_inline)) {
           return t == 1 ? vload(p) : vloadm(p, t ? mr[v] : ml[v]);
-        });
+        }, std::false_type{});
       }
     }
   } else if (mb) {
@@ -1000,13 +1018,16 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       for (int64_t j = 0; j < nj; ++j)
         pair(j * taps + t, [&](int v, const float* p) __attribute__((always_inline)) {
           return vloadm(p, mk[v]);
-        });
+        }, std::false_type{});
     }
   } else {
-    for (int64_t q = 0; q < nq; ++q)
-      pair(q, [&](int v, const float* p) __attribute__((always_inline)) {
-        return v < V - 1 ? vload(p) : vloadm(p, m);
-      });
+    auto load = [&](int v, const float* p) __attribute__((always_inline)) {
+      return v < V - 1 ? vload(p) : vloadm(p, m);
+    };
+    if (pf2)
+      for (int64_t q = 0; q < nq; ++q) pair(q, load, std::true_type{});
+    else
+      for (int64_t q = 0; q < nq; ++q) pair(q, load, std::false_type{});
   }
   if (fin && (rout || relu)) {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
@@ -1089,7 +1110,7 @@ static void ov_tile(const float* __restrict x, int64_t ld, const int64_t* __rest
 }
 
 using PvFn = void (*)(const float*, const int64_t*, int64_t, const float*, int64_t, int64_t,
-                      const float*, float*, int64_t, bool, const PvStore&, int64_t,
+                      const float*, float*, int64_t, bool, const PvStore&, int64_t, int64_t,
                       const float*, bool, bool, const uint16_t*, int64_t);
 using OvFn = void (*)(const float*, int64_t, const int64_t*, int64_t, const float*, int64_t,
                       const float*, float* const*, int64_t, const float* const*, bool);
@@ -1323,6 +1344,8 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
     const int64_t vused = (cnt + W - 1) / W, rem = cnt - (vused - 1) * W;
     pv_store_plan(jb, f0, cnt, in_place, st);
     const uint16_t* mb = jb.mbits ? jb.mbits + f0 / W * jb.taps : nullptr;
+    // (the unit's own rows only: the next unit may be another thread's)
+    const int64_t pf2 = f0 + jb.pf2 + TP <= fb ? jb.pf2 : 0;
     bool simple = !jb.simple3.empty() && vused == V;
     for (int64_t v = 0; simple && v < V; ++v) simple = jb.simple3[f0 / W + v];
     for (int64_t j0 = 0; j0 < std::max<int64_t>(jb.kept, 1); j0 += jb.jblock) {
@@ -1337,7 +1360,8 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
         const float* rout = fin && jb.res ? jb.res + (out - jb.y) : nullptr;
         const PvFn fn = simple && nc == NC ? kPv3 : kPv[nc][std::min<int64_t>(vused, V)];
         fn(xt, off + q0, nq, wg + q0 * jb.N + c0, jb.N, rem, jb.bias ? jb.bias + k0 : nullptr,
-           out, ldo, j0 > 0, st, c0 == 0 ? jb.pfd : 0, rout, jb.relu, fin, mb, jb.taps);
+           out, ldo, j0 > 0, st, c0 == 0 ? jb.pfd : 0,
+           c0 == 0 ? pf2 : 0, rout, jb.relu, fin, mb, jb.taps);
       }
     }
     if (!in_place)
