@@ -10,6 +10,11 @@ of repeats, with ``torch.set_num_threads``. Inputs are NCHW (the sparse op retur
     python benchmarks/kernels_1xn.py --write benchmarks/RESULTS_kernels.md
     python benchmarks/kernels_1xn.py --threads 1 --json t1.json   # then --merge t1.json t2.json
     python benchmarks/kernels_1xn.py --ns 16 --batches 8 --threads 2 --json b8t2.json
+    python benchmarks/kernels_1xn.py --ns 16 --sparsities 0.5 0.75 --warm --runs 5  # the bars
+
+With ``--runs K`` the whole sweep runs K times and every number is the median over the runs (the
+bar table adds each cell's range): on the shared VM a cell near its bar flips between single
+runs, and the batch-8 cells of the 56x56 layers move by up to 30% with the memory system's state.
 """
 
 from __future__ import annotations
@@ -203,22 +208,59 @@ def _print_row(r: Row) -> None:
           f"{r.speedup:5.2f}x  {r.gflops:5.0f} GFLOP/s", flush=True)  # fmt: skip
 
 
-def bar_table(rows: list[Row], n: int = 16) -> str:
-    """Per layer, the 1xN speedups the bars are about (1x1: 3x at 75%; 3x3: 2.5x; 1.6x at 50%)."""
+def combine_runs(runs: list[list[Row]]) -> tuple[list[Row], dict[tuple, tuple[float, float]]]:
+    """Rows of K runs of the same sweep -> one row per case with the median of every number over
+    the runs, and each case's (min, max) speedup."""
+    by_key: dict[tuple, list[Row]] = {}
+    for rows in runs:
+        for r in rows:
+            by_key.setdefault(_key(r), []).append(r)
+    out, ranges = [], {}
+    for key, rs in by_key.items():
+        nums = {f.name: statistics.median(getattr(r, f.name) for r in rs)
+                for f in dataclasses.fields(Row) if f.type in (float, "float")}  # fmt: skip
+        out.append(dataclasses.replace(rs[0], **nums))
+        ranges[key] = (min(r.speedup for r in rs), max(r.speedup for r in rs))
+    return out, ranges
+
+
+def _key(r: Row) -> tuple:
+    return (r.layer, r.batch, r.threads, r.n, r.sparsity)
+
+
+def _bar(layer: str, sparsity: float) -> float:
+    """The issue's per-layer bar: 1.6x at 50%; at 75% 3x on 1x1 layers and 2.5x on 3x3."""
+    return 1.6 if sparsity == 0.5 else 3.0 if " 1x1" in layer else 2.5
+
+
+def bars_met(rows: list[Row], n: int = 16) -> tuple[int, int]:
+    """(cells meeting their bar, cells) among the 1xN rows at 50% and 75%."""
+    cells = [r for r in rows if r.n == n and r.sparsity in (0.5, 0.75)]
+    return sum(r.speedup >= _bar(r.layer, r.sparsity) for r in cells), len(cells)
+
+
+def bar_table(rows: list[Row], n: int = 16, ranges: dict | None = None) -> str:
+    """Per layer, the 1xN speedups the bars are about (1x1: 3x at 75%; 3x3: 2.5x; 1.6x at 50%);
+    with ``ranges`` (from combine_runs) each cell also shows the range over the runs."""
     keys = sorted({(r.batch, r.threads) for r in rows if r.n == n})
     head = "| layer | " + " | ".join(f"b{b} t{t} 50% | b{b} t{t} 75%" for b, t in keys)
     out = [head + " |", "|---" * (1 + 2 * len(keys)) + "|"]
     for layer in dict.fromkeys(r.layer for r in rows):
-        bar75 = 3.0 if " 1x1" in layer else 2.5
         cells = []
         for b, t in keys:
-            for sp, bar in ((0.5, 1.6), (0.75, bar75)):
-                r = next((r for r in rows if (r.layer, r.batch, r.threads, r.n, r.sparsity)
-                          == (layer, b, t, n, sp)), None)  # fmt: skip
-                cells.append("" if r is None else
-                             f"{r.speedup:.2f}x {'ok' if r.speedup >= bar else 'MISS'}")  # fmt: skip
+            for sp in (0.5, 0.75):
+                r = next((r for r in rows if _key(r) == (layer, b, t, n, sp)), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                cell = f"{r.speedup:.2f}x {'ok' if r.speedup >= _bar(layer, sp) else 'MISS'}"
+                if ranges and _key(r) in ranges:
+                    lo, hi = ranges[_key(r)]
+                    cell += f" ({lo:.2f}-{hi:.2f})"
+                cells.append(cell)
         out.append(f"| {layer} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    met, total = bars_met(rows, n)
+    return "\n".join(out) + f"\n\nBars met: {met} of {total} cells.\n"
 
 
 NOTES = """## How it was measured
@@ -287,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         help="pinned (default): fix glibc's malloc thresholds first (cost.pin_malloc), so a "
              "25 MB output does not page-fault on some calls and not on others",
     )  # fmt: skip
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole sweep this many times; report medians over the runs")
     ap.add_argument("--json", default=None, help="also save the rows as JSON to this path")
     ap.add_argument("--merge", nargs="+", default=None, help="report from saved JSON files only")
     ap.add_argument("--write", default=None, help="write a markdown report to this path")
@@ -311,18 +355,28 @@ def main(argv: list[str] | None = None) -> None:
     layers = LAYERS[::2] if a.quick else LAYERS
     batches = a.batches or ((1,) if a.quick else (1, 8))
     old = torch.get_num_threads()
-    rows: list[Row] = []
-    for batch in batches:
-        for threads in a.threads:
-            for layer in layers:
-                limit = a.quiet_busy or (0.55 if threads == 1 else 0.1)
-                if a.wait_quiet and not wait_quiet(a.wait_quiet, limit):
-                    print(f"warning: machine busy while timing {layer.name}", flush=True)
-                new = bench_layer(layer, batch, threads, ns, sps, a.repeats, a.warm, a.shuffle)
-                for r in new:
-                    _print_row(r)
-                rows += new
+    runs: list[list[Row]] = []
+    for run in range(a.runs):
+        if a.runs > 1:
+            print(f"# run {run + 1} of {a.runs}", flush=True)
+        rows: list[Row] = []
+        for batch in batches:
+            for threads in a.threads:
+                for layer in layers:
+                    limit = a.quiet_busy or (0.55 if threads == 1 else 0.1)
+                    if a.wait_quiet and not wait_quiet(a.wait_quiet, limit):
+                        print(f"warning: machine busy while timing {layer.name}", flush=True)
+                    new = bench_layer(layer, batch, threads, ns, sps, a.repeats, a.warm, a.shuffle)
+                    for r in new:
+                        _print_row(r)
+                    rows += new
+        runs.append(rows)
     torch.set_num_threads(old)
+    rows, ranges = combine_runs(runs)
+    if a.runs > 1:
+        print(f"\n# medians over {a.runs} runs (bar cells: median, range over the runs)\n")
+        print(bar_table(rows, ranges=ranges))
+        print(f"Bars met in each run: {', '.join(str(bars_met(r)[0]) for r in runs)}\n")
     print(summary(rows))
     if a.json:
         with open(a.json, "w") as f:
