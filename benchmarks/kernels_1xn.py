@@ -286,13 +286,14 @@ NOTES = """## How it was measured
 """
 
 
-def write_report(path: str, rows: list[Row]) -> None:
-    """Markdown report: machine, per-layer bars, summary, every measurement."""
+def write_report(path: str, rows: list[Row], ranges: dict | None = None) -> None:
+    """Markdown report: machine, per-layer bars (with ``ranges``: each cell's range over the
+    runs), summary, every measurement."""
     with open(path, "w") as f:
         f.write("# 1xN sparse conv kernel vs dense F.conv2d (ResNet-50 layers)\n\n")
         f.write(machine_info() + "\n\n" + NOTES)
         f.write("\n## 1x16 against the bars (speedup over the faster dense baseline)\n\n")
-        f.write(bar_table(rows))
+        f.write(bar_table(rows, ranges=ranges))
         f.write("\n## Summary over layers (min / median speedup)\n\n" + summary(rows))
         f.write("\n## All measurements\n\n" + table(rows))
 
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f)
     if a.write:
-        write_report(a.write, rows)
+        write_report(a.write, rows, ranges if a.runs > 1 else None)
 
 
 if __name__ == "__main__":
