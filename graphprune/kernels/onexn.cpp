@@ -443,8 +443,8 @@ static void plan_tiles(Job& job) {
   // A unit's activations (all channels) should stay in L2 while every group sweeps them, with
   // room for the next unit's rows being prefetched.
   const int64_t l2 = std::max<int64_t>(16, env_int("GP_1XN_L2_KB", 512)) * 1024;
-  const bool small_act =
-      4 * job.B * job.C * (job.L + span) <= env_int("GP_1XN_SMALL_KB", 1536) * 1024;
+  const int64_t act_bytes = 4 * job.B * job.C * (job.L + span);  // what the units read
+  const bool small_act = act_bytes <= env_int("GP_1XN_SMALL_KB", 1536) * 1024;
   if (job.rb) {
     const Pack& pk = *job.pk;
     const int64_t npl = (int64_t)pk.planes.size(), rq = pk.Hq - job.Ho;
@@ -504,7 +504,7 @@ static void plan_tiles(Job& job) {
   // per kept channel). Not for units of a few tiles (14x14, 7x7), whose next tiles are mostly
   // already there.
   const bool pf2 = job.kind == Kind::PV && job.taps == 1 && !job.rb &&
-                   4 * job.B * job.C * job.L > 2048 * 1024 && job.mt_tiles >= 4;
+                   act_bytes > 2048 * 1024 && job.mt_tiles >= 4;
   job.pf2 = std::max<int64_t>(0, env_int("GP_1XN_PF2", pf2 ? 1 : 0)) * job.tile;
   job.pf_start = job.toff.empty() ? 0 : job.toff.front();
   job.pf_extra = span;
