@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--only", nargs="+", default=[],
+                    help="layers whose name contains one of these strings (e.g. 3x3 @7)")
     args = ap.parse_args()
     pin_malloc()
     old, new = _build_rev(args.rev), onexn._ext()
@@ -71,6 +73,8 @@ def main() -> None:
     print("| layer | sparsity | old ms | new ms | new / old |")
     print("|---|---|---|---|---|")
     for layer in LAYERS:
+        if args.only and not any(o in layer.name for o in args.only):
+            continue
         torch.manual_seed(0)
         conv = nn.Conv2d(layer.cin, layer.cout, layer.k, layer.stride, layer.k // 2)
         x = torch.randn(args.batch, layer.cin, layer.hw, layer.hw)

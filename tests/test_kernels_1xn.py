@@ -228,7 +228,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # stride-1 padded NCHW input in place through lane masks, =0 never (packed planes instead);
 # GP_1XN_STACK=2 copies a batch of same-size convs with its images side by side (tiles and
 # vectors across image boundaries; with small units, units too), =0 never. GP_1XN_PF2 sets the
-# L2 prefetch of 1x1 rows (tiles ahead; by default on only for activations over 2 MB).
+# L2 prefetch of 1x1 rows (tiles ahead; by default on only for activations over 2 MB);
+# GP_1XN_WPFD=0 turns off the masked loop's weight prefetch (on by default).
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -246,6 +247,7 @@ TILING = [
     {"GP_1XN_OVB": "0"},
     {"GP_1XN_PF2": "1"},
     {"GP_1XN_PF2": "3", "GP_1XN_PF": "1"},
+    {"GP_1XN_WPFD": "0", "GP_1XN_STACK": "2"},
 ]
 
 
