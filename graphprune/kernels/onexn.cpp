@@ -1017,7 +1017,7 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
     // (pair q = j * taps + t; the prefetch distance taps then points at the next channel)
     // This order walks the weights with a stride of `taps` pairs, which the hardware does not
     // prefetch well: with `wpf`, each pair also pulls the weights `wpf` floats ahead into L1
-    // (3x3 @7 / @14 at batch 8: 2-8% faster).
+    // (3x3 @7 / @14 at batch 8: 1-8% faster).
     const int64_t nj = nq / taps;
     for (int64_t t = 0; t < taps; ++t) {
       MT mk[V];
