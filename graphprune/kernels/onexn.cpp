@@ -376,6 +376,13 @@ static int ovb_tile_px() {
   return g_isa == Isa::AVX512 ? avx512::ovb_tile_px() : avx2::ovb_tile_px();
 }
 
+// Group blocks per unit: n_gb doubled (up to every group in its own block) until the items,
+// units x group blocks, number at least `items`.
+static int64_t split_groups(int64_t n_gb, int64_t n_units, int64_t G, int64_t items) {
+  while (n_units * n_gb < items && n_gb < G) n_gb *= 2;
+  return std::min(n_gb, G);
+}
+
 // Channel-blocked ov (Job::ovb) for a 1x1 job reading rows of all C channels in place, when a
 // tile's rows of all channels would not stay in L1 (GP_1XN_OVB: 0 never, 2 whenever it applies):
 // the blocks, each group's kept range per block, and enough group blocks that one block's
@@ -414,10 +421,9 @@ static void plan_ovb(Job& job) {
   job.n_blk = (job.ntile_img + job.mt_tiles - 1) / job.mt_tiles;
   job.n_units = job.B * job.n_blk;
   job.g_outer = false;
-  job.n_gb = std::max<int64_t>(1, (int64_t)((wbytes + wl2 - 1) / wl2));
   // (every group block copies the rows again: split only as far as the threads need)
-  while (nth > 1 && job.n_units * job.n_gb < 2 * nth && job.n_gb < job.G) job.n_gb *= 2;
-  job.n_gb = std::min(job.n_gb, job.G);
+  job.n_gb = split_groups(std::max<int64_t>(1, (int64_t)((wbytes + wl2 - 1) / wl2)), job.n_units,
+                          job.G, nth > 1 ? 2 * nth : 0);
   job.ovb = true;
 }
 
@@ -491,9 +497,7 @@ static void plan_tiles(Job& job) {
     job.n_gb = job.G;
   } else {
     // split the groups of a unit over items only when there are too few units to balance
-    job.n_gb = 1;
-    while (job.n_units * job.n_gb < 4 * nth && job.n_gb < job.G) job.n_gb *= 2;
-    job.n_gb = std::min(job.n_gb, job.G);
+    job.n_gb = split_groups(1, job.n_units, job.G, 4 * nth);
   }
   job.pf = job.kind == Kind::PV && !job.g_outer && !job.rb && env_int("GP_1XN_PF", 0) != 0;
   // L1 prefetch of the rows a few pairs ahead: only pays when a tile's rows of all channels do not
@@ -791,10 +795,12 @@ static at::Tensor fill_epilogue(Job& job, const at::Tensor& y, bool y_cl,
   return r;
 }
 
+// Point the job at the packed weights (checked by check_weights, which says whether sorted).
 static void fill_weights(Job& job, const at::Tensor& values, const at::Tensor& indices,
-                         const c10::optional<at::Tensor>& bias, int64_t n) {
+                         const c10::optional<at::Tensor>& bias, int64_t n, bool idx_sorted) {
   job.w = values.data_ptr<float>();
   job.idx = indices.data_ptr<int32_t>();
+  job.idx_sorted = idx_sorted;
   job.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   job.N = n;
   job.G = values.size(0);
@@ -833,8 +839,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
 
   Job job;
   Pack pk;
-  fill_weights(job, values, indices, bias, n);
-  job.idx_sorted = sorted;
+  fill_weights(job, values, indices, bias, n, sorted);
   job.taps = R * S;
   job.C = g.C;
   job.B = g.B; job.Ho = g.Ho; job.Wo = g.Wo;
@@ -872,8 +877,7 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
   const bool sorted = check_weights(values, indices, bias, n, C, 1);
   Job job;
   Pack pk;
-  fill_weights(job, values, indices, bias, n);
-  job.idx_sorted = sorted;
+  fill_weights(job, values, indices, bias, n, sorted);
   auto y = at::empty({M, job.K}, x.options());
   if (M == 0) return y;
   job.taps = 1;
