@@ -930,8 +930,13 @@ int ovb_tile_px() { return ovb_pmax(1); }
 // Where the lanes of each pixel vector of a pv tile go: vector v stores lanes `mask[v][k]` at
 // out + n * ldo + off[v][k] for k < count[v] (one segment per output row it touches, junk
 // columns masked off; a single segment on planes without junk columns), so NCHW output is
-// written in place even with padded planes.
+// written in place even with padded planes. `flat`: one segment per vector, vector v at
+// off[0][0] + v * W, every lane but those of the last vector past the tile's `rem` (the common
+// case: in-place NCHW without junk columns, or the NHWC buffer); the micro-kernel then stores
+// with fixed offsets instead of walking the segments (1x1 layers at high sparsity, whose pv calls
+// sum only a few kept channels per store, spent a fifth of their time there).
 struct PvStore {
+  bool flat;
   int count[8];
   int64_t off[8][W + 1];
   MT mask[8][W + 1];
@@ -966,7 +971,16 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
                     const uint16_t* __restrict mb, int64_t taps) {
   VT acc[NC][V];
   const MT m = vmask(rem);
-  if (acc_in) {
+  const MT full = vmask(W);
+  const int64_t o0 = st.off[0][0];  // (flat)
+  if (acc_in && st.flat) {
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      GP_UNROLL for (int v = 0; v < V; ++v) {
+        const float* p = out + n * ldo + o0 + v * W;
+        acc[n][v] = v < V - 1 ? vload(p) : vloadm(p, m);
+      }
+    }
+  } else if (acc_in) {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
       GP_UNROLL for (int v = 0; v < V; ++v) {
         acc[n][v] = vzero();
@@ -1046,6 +1060,21 @@ static void pv_tile(const float* __restrict x, const int64_t* __restrict off, in
       for (int64_t q = 0; q < nq; ++q) pair(q, load, std::true_type{});
     else
       for (int64_t q = 0; q < nq; ++q) pair(q, load, std::false_type{});
+  }
+  if (st.flat) {
+    const bool e = fin && (rout || relu);
+    GP_UNROLL for (int n = 0; n < NC; ++n) {
+      GP_UNROLL for (int v = 0; v < V; ++v) {
+        const int64_t o = n * ldo + o0 + v * W;
+        const MT mv = v < V - 1 ? full : m;
+        const VT r = e ? epi(acc[n][v], rout ? rout + o : nullptr, mv, relu) : acc[n][v];
+        if (v < V - 1)
+          vstore(out + o, r);
+        else
+          vstorem(out + o, r, m);
+      }
+    }
+    return;
   }
   if (fin && (rout || relu)) {
     GP_UNROLL for (int n = 0; n < NC; ++n) {
@@ -1304,6 +1333,7 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
 // [n][TP] buffer.
 static void pv_store_plan(const Job& jb, int64_t f0, int64_t cnt, bool in_place, PvStore& st) {
   const int64_t junk = jb.Wq - jb.Wo, hw = jb.Ho * jb.Wo;
+  st.flat = jb.n_img == 1 && (!in_place || junk == 0);
   for (int64_t v = 0; v * W < cnt; ++v) {
     const int64_t f = f0 + v * W, lanes = std::min<int64_t>(W, cnt - v * W);
     int k = 0;
