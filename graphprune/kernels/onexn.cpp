@@ -52,7 +52,7 @@
 // (Only when the weights of all groups fit in L2 too; else the whole batch is packed up front
 // and the item order may put groups outer, by estimated re-read traffic.)
 //
-// Tuning knobs (environment, read per call): GP_1XN_L2_KB (activation bytes per unit, 512),
+// Tuning knobs (environment, read per call): GP_1XN_L2_KB (activation bytes per unit, 1024),
 // GP_1XN_SMALL_KB (activations of the whole batch up to this size count as L2-resident: units
 // are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit, 1024), GP_1XN_L1_KB
 // (activation bytes per channel block, 24), GP_1XN_PFD (L1 prefetch distance in pairs; 0
@@ -448,9 +448,11 @@ static void plan_tiles(Job& job) {
                            : std::min<int64_t>(env_int("GP_1XN_TAIL", vec_width() / 2),
                                                ov_tile_px());
   const int64_t nth = std::max(1, at::get_num_threads());
-  // A unit's activations (all channels) should stay in L2 while every group sweeps them, with
-  // room for the next unit's rows being prefetched.
-  const int64_t l2 = std::max<int64_t>(16, env_int("GP_1XN_L2_KB", 512)) * 1024;
+  // A unit's activations (all channels) should stay in L2 while every group sweeps them: half of
+  // a 2 MB L2, the rest for the weights and the output (512 KB cut 1x1 images of 14x14 into
+  // units of 3 and 2 tiles, each a sweep over every group's weights: 1024->256 @14 b8 t2 took
+  // 1.05-1.13x the time; the other layers within +-2%)
+  const int64_t l2 = std::max<int64_t>(16, env_int("GP_1XN_L2_KB", 1024)) * 1024;
   const int64_t act_bytes = 4 * job.B * job.C * (job.L + span);  // what the units read
   const bool small_act = act_bytes <= env_int("GP_1XN_SMALL_KB", 1536) * 1024;
   if (job.rb) {
