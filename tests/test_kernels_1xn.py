@@ -62,6 +62,12 @@ def _epi_ref(ref: torch.Tensor, res: torch.Tensor | None, relu: bool) -> torch.T
     return out.clamp_min(0) if relu else out
 
 
+def _epi_scale(pre: torch.Tensor, res: torch.Tensor | None) -> torch.Tensor:
+    """The size of what the epilogue sums (max |pre|, |res|): the residual may cancel the sum
+    down to a few tiny outputs, so errors are measured against this, not the output."""
+    return pre.abs().max() if res is None else torch.maximum(pre.abs().max(), res.abs().max())
+
+
 def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
     torch.manual_seed(seed)
     conv = nn.Conv2d(c, k, bias=bias, **kw)
@@ -111,9 +117,7 @@ def test_conv_matches_dense_masked(
         # float64 NCHW reference: oneDNN's fp32 channels_last conv crashes on some odd shapes
         w64, b64 = (conv.weight * mask).double(), None if conv.bias is None else conv.bias.double()
         pre = F.conv2d(x.double().contiguous(), w64, b64, stride, padding, dilation)
-        ref = _epi_ref(pre, res, sp.relu)
-        # (the residual may cancel the sum: measure against the size of what was summed)
-        scale = pre.abs().max() if res is None else torch.maximum(pre.abs().max(), res.abs().max())
+        ref, scale = _epi_ref(pre, res, sp.relu), _epi_scale(pre, res)
         y = _run_path(path, lambda: sp(x, res))
     assert y.shape == ref.shape
     assert _rel_err(y, ref, scale) < 1e-5
@@ -150,9 +154,7 @@ def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, r
     with torch.no_grad():
         b = None if lin.bias is None else lin.bias.double()
         pre = F.linear(x.double(), (lin.weight * mask).double(), b)
-        ref = _epi_ref(pre, res, relu)
-        # (the residual may cancel the sum: measure against the size of what was summed)
-        scale = pre.abs().max() if res is None else torch.maximum(pre.abs().max(), res.abs().max())
+        ref, scale = _epi_ref(pre, res, relu), _epi_scale(pre, res)
         y = _run_path(path, lambda: sp(x, res))
         y_op = _run_path(
             path,
