@@ -240,7 +240,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # GP_1XN_STACK=2 copies a batch of same-size convs with its images side by side (tiles and
 # vectors across image boundaries; with small units, units too), =0 never. GP_1XN_PF2 sets the
 # L2 prefetch of 1x1 rows (tiles ahead; by default on only for activations over 2 MB);
-# GP_1XN_WPFD=0 turns off the masked loop's weight prefetch (on by default).
+# GP_1XN_WPFD=0 turns off the masked loop's weight prefetch (on by default). GP_1XN_AFFINE=0
+# hands out every item from one shared counter instead of one range per thread (with stealing).
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -259,6 +260,7 @@ TILING = [
     {"GP_1XN_PF2": "1"},
     {"GP_1XN_PF2": "3", "GP_1XN_PF": "1"},
     {"GP_1XN_WPFD": "0", "GP_1XN_STACK": "2"},
+    {"GP_1XN_AFFINE": "0"},
 ]
 
 
@@ -308,6 +310,33 @@ def test_conv_tiling_edge_cases(monkeypatch, env, threads, batch, c, k, hw, ks, 
     assert _rel_err(y_cl, ref.float()) < 1e-5
     ref_epi = _epi_ref(ref, res, True).float()
     assert _rel_err(y_epi, ref_epi) < 1e-5 and _rel_err(y_epi_cl, ref_epi) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [3, 5])
+@pytest.mark.parametrize("affine", ["1", "0"])
+def test_items_run_once_with_more_threads_than_cores(monkeypatch, threads, affine):
+    """Each thread's range of items, and the items taken from the other ranges, run exactly once.
+
+    Three or five threads on this two-core machine: threads get descheduled mid-range and the
+    others take their items over (a lost or doubled item would leave a wrong output block).
+    """
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    monkeypatch.setenv("GP_1XN_AFFINE", affine)
+    monkeypatch.setenv("GP_1XN_SMALL_KB", "0")
+    monkeypatch.setenv("GP_1XN_L2_KB", "16")  # many small units: many items
+    _, _, sp = _sparse_conv(48, 64, 16, 0.75, 5, kernel_size=3, padding=1)
+    x = torch.randn(5, 48, 15, 17)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            ref = F.conv2d(x.double(), sp.to_dense().double(), sp.bias.double(), 1, 1)
+            ys = [sp(x) for _ in range(4)]
+    finally:
+        torch.set_num_threads(old)
+    for y in ys:
+        assert _rel_err(y, ref.float()) < 1e-5
 
 
 def test_float64_and_no_cpp_env_use_reference(monkeypatch):

@@ -36,8 +36,11 @@
 // equal work: uniform 1xN). A unit's activations of all channels are sized to stay in L2
 // (GP_1XN_L2_KB) while every group of the block sweeps them; within a group: tile, then an
 // L1-sized block of kept channels, then the output chunks of the group. OpenMP threads claim
-// chunks of items from an atomic counter (one chunk ahead with GP_1XN_PF=1, so a thread knows
-// the next unit to prefetch).
+// chunks of items from atomic counters (one chunk ahead with GP_1XN_PF=1, so a thread knows
+// the next unit to prefetch): the items are cut into one contiguous range per thread, which
+// its thread drains first (under unit-outer order: the same pixels on every call, whose rows
+// and outputs a 1x1 chain then finds in that core's L2), then it takes what is left of the
+// other ranges (GP_1XN_AFFINE=0: one shared counter).
 // Epilogue (optional, fused into the stores so the output is written once): y = relu(conv +
 // bias + residual), the residual laid out like y; under pv with NCHW output it runs on the last
 // block of kept channels, elsewhere where the finished sums are written.
@@ -171,6 +174,12 @@ static void pack_nchw(const Pack& pk, int64_t lo, int64_t hi) {
 
 enum class Kind { PV, OV };
 
+// One thread's range of item chunks [next, hi), claimed one chunk at a time by fetch_add.
+struct alignas(64) Range {
+  std::atomic<int64_t> next{0};
+  int64_t hi = 0;
+};
+
 struct Job {
   // activations
   const float* x = nullptr;
@@ -233,7 +242,10 @@ struct Job {
   bool ovb = false;
   int64_t ncb = 0, ovb_wpf = 512;
   std::vector<int32_t> cbound;
-  std::atomic<int64_t>* next = nullptr;  // next unclaimed chunk (dynamic schedule)
+  // chunk counters: thread t first drains the chunks of range t (contiguous items: its own
+  // pixels under unit-outer order), then takes what is left of the others' ranges
+  Range* ranges = nullptr;
+  int n_ranges = 1;
 };
 
 // Unit u: image b and its flat pixel range [fa, fb) (pv), or tile range [fa, fb) (ov); row0 is
@@ -724,11 +736,18 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
 // Fill the planar copy (if any), then run the items: one OpenMP region for both.
 static void run_job(Job& job, const Pack& pk) {
   int nth = std::max(1, at::get_num_threads());
-  std::atomic<int64_t> next{0};
-  job.next = &next;
   const int64_t total = job.n_units * job.n_gb;
   // small chunks: balance (and robustness to a descheduled thread) beat locality here
   job.chunk = std::max<int64_t>(1, total / (64 * nth));
+  const int64_t n_chunks = (total + job.chunk - 1) / job.chunk;
+  const int n_ranges = env_int("GP_1XN_AFFINE", 1) != 0 ? nth : 1;
+  std::vector<Range> ranges(n_ranges);
+  for (int r = 0; r < n_ranges; ++r) {
+    ranges[r].next.store(n_chunks * r / n_ranges, std::memory_order_relaxed);
+    ranges[r].hi = n_chunks * (r + 1) / n_ranges;
+  }
+  job.ranges = ranges.data();
+  job.n_ranges = n_ranges;
   const Isa isa = g_isa;
   auto body = [&]() {
     if (isa == Isa::AVX512)
@@ -1518,9 +1537,16 @@ void run(const Job& jb) {
   if ((int64_t)off.size() < jb.kept * jb.taps + kOffPad) off.resize(jb.kept * jb.taps + kOffPad);
   if (jb.ovb && (int64_t)tbuf.size() < ovb_tile_px() * kOvbCb) tbuf.resize(ovb_tile_px() * kOvbCb);
   int64_t g_filled = -1, packed = -1;
+  const int self = jb.n_ranges > 1 ? omp_get_thread_num() % jb.n_ranges : 0;
+  int victim = 0;  // ranges tried so far, own first
   auto claim = [&]() -> int64_t {
-    const int64_t lo = jb.next->fetch_add(1, std::memory_order_relaxed) * jb.chunk;
-    return lo < total ? lo : -1;
+    for (; victim < jb.n_ranges; ++victim) {
+      Range& rg = jb.ranges[(self + victim) % jb.n_ranges];
+      if (rg.next.load(std::memory_order_relaxed) >= rg.hi) continue;
+      const int64_t c = rg.next.fetch_add(1, std::memory_order_relaxed);
+      if (c < rg.hi) return c * jb.chunk;
+    }
+    return -1;
   };
   auto unit_of = [&](int64_t it) { return jb.g_outer ? it % jb.n_units : it / jb.n_gb; };
   auto gb_of = [&](int64_t it) { return jb.g_outer ? it / jb.n_units : it % jb.n_gb; };
