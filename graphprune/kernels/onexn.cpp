@@ -57,7 +57,7 @@
 //
 // Tuning knobs (environment, read per call): GP_1XN_L2_KB (activation bytes per unit, 1024),
 // GP_1XN_SMALL_KB (activations of the whole batch up to this size count as L2-resident: units
-// are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit, 1024), GP_1XN_L1_KB
+// are not cut to L2 size; 1536), GP_1XN_MT_PX (max pixels per unit, 4096), GP_1XN_L1_KB
 // (activation bytes per channel block, 24), GP_1XN_PFD (L1 prefetch distance in pairs; 0
 // disables; default 8 for 1x1, R*S else), GP_1XN_PF (1 enables a software L2 prefetch of the
 // next unit; off by default: it loses when the activations are already in L3, as between
@@ -485,7 +485,10 @@ static void plan_tiles(Job& job) {
   } else {
     // (activations that fit in L2 as a whole stay there anyway: no need for short units, whose
     // groups would then re-read their weights more often)
-    const int64_t mt_px = env_int("GP_1XN_MT_PX", 1024);
+    // (a cap of 1024 pixels cut the 56x56 1x1 layers with 64 input channels into units of a
+    // third of an image: 64->256 and 64->64 @56 took up to 1.14x the time of whole-image
+    // units, most at 2 threads; the 3x3 layers at 56x56 the same time either way)
+    const int64_t mt_px = env_int("GP_1XN_MT_PX", 4096);
     const int64_t px_l2 = l2 / (4 * std::max<int64_t>(1, job.C)) - span;
     const int64_t target = small_act ? mt_px : std::min(mt_px, px_l2);
     // (round up: a unit ending just short of the image end would leave a sliver of a unit)
