@@ -166,7 +166,13 @@ def test_linear_matches_dense_masked(path, lead, c, n, groups, sparsity, bias, r
 
 
 @pytest.mark.parametrize(
-    "env", [{}, {"GP_1XN_OVB": "0"}, {"GP_1XN_OVB_WKB": "64", "GP_1XN_OVB_ROWS": "30"}]
+    "env",
+    [
+        {},
+        {"GP_1XN_OVB": "0"},
+        {"GP_1XN_OVB_WKB": "64", "GP_1XN_OVB_ROWS": "30"},
+        {"GP_1XN_AFFINE": "2", "GP_1XN_OVB_ROWS": "30"},
+    ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
@@ -241,7 +247,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 # vectors across image boundaries; with small units, units too), =0 never. GP_1XN_PF2 sets the
 # L2 prefetch of 1x1 rows (tiles ahead; by default on only for activations over 2 MB);
 # GP_1XN_WPFD=0 turns off the masked loop's weight prefetch (on by default). GP_1XN_AFFINE=0
-# hands out every item from one shared counter instead of one range per thread (with stealing).
+# hands out every item from one shared counter instead of one range per thread (with stealing;
+# by default for pv jobs only), =2 gives the ov jobs (channels_last input) ranges too.
 TILING = [
     {},
     {"GP_1XN_FUSE_KB": "0", "GP_1XN_RB_WKB": "100000"},
@@ -261,6 +268,7 @@ TILING = [
     {"GP_1XN_PF2": "3", "GP_1XN_PF": "1"},
     {"GP_1XN_WPFD": "0", "GP_1XN_STACK": "2"},
     {"GP_1XN_AFFINE": "0"},
+    {"GP_1XN_AFFINE": "2"},
 ]
 
 
@@ -313,7 +321,7 @@ def test_conv_tiling_edge_cases(monkeypatch, env, threads, batch, c, k, hw, ks, 
 
 
 @pytest.mark.parametrize("threads", [3, 5])
-@pytest.mark.parametrize("affine", ["1", "0"])
+@pytest.mark.parametrize("affine", ["1", "0", "2"])
 def test_items_run_once_with_more_threads_than_cores(monkeypatch, threads, affine):
     """Each thread's range of items, and the items taken from the other ranges, run exactly once.
 
@@ -332,7 +340,8 @@ def test_items_run_once_with_more_threads_than_cores(monkeypatch, threads, affin
     try:
         with torch.no_grad():
             ref = F.conv2d(x.double(), sp.to_dense().double(), sp.bias.double(), 1, 1)
-            ys = [sp(x) for _ in range(4)]
+            xc = x.contiguous(memory_format=torch.channels_last)  # ov jobs
+            ys = [sp(x) for _ in range(3)] + [sp(xc) for _ in range(3)]
     finally:
         torch.set_num_threads(old)
     for y in ys:
