@@ -23,12 +23,17 @@ from graphprune.kernels.masks import is_1xn, mask_1xn
 CPP = onexn.available()
 PATHS = ["cpp", "cpp-avx2", "reference"]
 # + the C++ kernel with the masked in-place mode forced on every stride-1 padded NCHW conv
-# (GP_1XN_MASKED=2; by default it runs only where its 3x3 fast path covers most of the image)
-CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked"]
+# (GP_1XN_MASKED=2; by default it runs on single images and where its 3x3 fast path covers
+# most of the image) and forced off (GP_1XN_MASKED=0: the zero-padded copy)
+CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked", "cpp-planes"]
 # + the C++ kernel with the channel-blocked ov mode forced on every linear (GP_1XN_OVB=2; by
 # default it runs only where a tile's rows of all input channels would not stay in L1)
 LINEAR_PATHS = [*PATHS, "cpp-ovb", "cpp-avx2-ovb"]
-FORCED = {"-masked": "GP_1XN_MASKED", "-ovb": "GP_1XN_OVB"}
+FORCED = {
+    "-masked": ("GP_1XN_MASKED", "2"),
+    "-planes": ("GP_1XN_MASKED", "0"),
+    "-ovb": ("GP_1XN_OVB", "2"),
+}
 SETTINGS = settings(max_examples=50, deadline=None)
 
 
@@ -39,9 +44,9 @@ def _run_path(path: str, fn):
             return fn()
     if not CPP:
         pytest.skip("the 1xN C++ kernel is not available")
-    for suffix, var in FORCED.items():
+    for suffix, (var, value) in FORCED.items():
         if path.endswith(suffix):
-            with mock.patch.dict(os.environ, {var: "2"}):
+            with mock.patch.dict(os.environ, {var: value}):
                 return _run_path(path.removesuffix(suffix), fn)
     if path == "cpp-avx2":
         with onexn.use_isa("avx2"):
@@ -233,7 +238,7 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
     x = torch.randn(2, c, hw, hw)
     with torch.no_grad():
         ref = F.conv2d(x, sp.to_dense(), sp.bias, stride, pad)
-        for path in ("cpp", "cpp-masked", "cpp-avx2", "reference"):
+        for path in ("cpp", "cpp-masked", "cpp-planes", "cpp-avx2", "reference"):
             assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
 
 

@@ -65,9 +65,9 @@
 // 1024), GP_1XN_RB_WKB (max weight bytes of all groups for row-block mode, 384), GP_1XN_ORDER
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
 // last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
-// GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the 3x3 fast path
-// covers at least 3/4 of the image's pixel vectors, 85% when the stacked mode is the other
-// choice), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
+// GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the batch cannot
+// be stacked or the 3x3 fast path covers at least 3/4 of the image's pixel vectors, 85% when the
+// stacked mode is the other choice), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
 // for batches of more than one image where that mode is not chosen), GP_1XN_OVB (channel-blocked
 // ov: 0 never, 2 whenever it applies, 1 when a tile's rows of all channels exceed GP_1XN_L1_KB),
 // GP_1XN_OVB_WKB (its weight bytes per group block, 4096 KB), GP_1XN_OVB_ROWS (its rows per
@@ -651,10 +651,13 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
     pk.units = 0;
     if (!padded) return x;
     // (thresholds measured at batch 8: in place wins at 56x56 and 28x28, 92-96% of vectors on
-    // the fast path; stacked wins at 14x14, 77%, and 7x7)
+    // the fast path; stacked wins at 14x14, 77%, and 7x7). Where the batch cannot be stacked
+    // (one image) in place beats the zero-padded copy however few vectors take the fast path:
+    // 3x3 at b1 on 7x7 0.89-0.96 of the time, 10x10 0.69-0.79, 3x3 / 5x5 0.82-0.89; 5x5 and 7x7
+    // kernels on 28x28 / 56x56 (no fast path at all) 0.99-1.03.
     const double simple = build_mbits(job, g);  // fraction of vectors on the 3x3 fast path
     const bool prefer_stack = stackable && (stack == 2 || simple < 0.85);
-    if (masked == 2 || (!prefer_stack && simple >= 0.75)) return x;
+    if (masked == 2 || !stackable || (!prefer_stack && simple >= 0.75)) return x;
     // Small images of a batch (7x7, 14x14): a pixel vector would waste lanes at the end of each
     // image (49 pixels = 3 vectors + 1), and most vectors touch a first or last row. Copy the
     // batch unpadded with the images side by side instead, and run the masked loop over all of
