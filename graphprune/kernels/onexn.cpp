@@ -65,10 +65,10 @@
 // 1024), GP_1XN_RB_WKB (max weight bytes of all groups for row-block mode, 384), GP_1XN_ORDER
 // (1 forces group-outer item order, 0 unit-outer; default by traffic), GP_1XN_TAIL (an image's
 // last pixel vector with at most this many pixels runs on the ov kernel; default W/2),
-// GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 when the batch cannot
-// be stacked or the 3x3 fast path covers at least 3/4 of the image's pixel vectors, 85% when the
-// stacked mode is the other choice), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
-// for batches of more than one image where that mode is not chosen), GP_1XN_OVB (channel-blocked
+// GP_1XN_MASKED (masked in-place mode: 0 never, 2 whenever it applies, 1 unless the batch is
+// stacked), GP_1XN_STACK (stacked mode: 0 never, 2 in preference to the masked in-place mode, 1
+// for batches of more than one image where the 3x3 fast path covers under 85% of the pixel
+// vectors), GP_1XN_OVB (channel-blocked
 // ov: 0 never, 2 whenever it applies, 1 when a tile's rows of all channels exceed GP_1XN_L1_KB),
 // GP_1XN_OVB_WKB (its weight bytes per group block, 4096 KB), GP_1XN_OVB_ROWS (its rows per
 // unit, 192), GP_1XN_OVB_WPF (its weight prefetch distance, 512 bytes), GP_1XN_PF2 (the L2
@@ -634,9 +634,8 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
   const bool padded = g.ph > 0 || g.pw > 0;
   // Stride 1 on NCHW is read in place, rows of W: without padding as is; with padding (pv only,
   // output no wider than the input) through masked loads that read the padding as zeros -- no
-  // copy, and no junk columns when Wo == W. GP_1XN_MASKED: 0 never, 2 always, 1 (default) when
-  // the 3x3 fast path (see build_mbits) covers most of the image: off it, the masked loop loses
-  // to the copy on small images (measured).
+  // copy, and no junk columns when Wo == W. GP_1XN_MASKED: 0 never, 2 always, 1 (default)
+  // unless the batch is stacked instead (below).
   const int64_t masked = env_int("GP_1XN_MASKED", 1), stack = env_int("GP_1XN_STACK", 1);
   const bool stackable = g.B > 1 && g.Ho == g.H && g.Wo == g.W && stack != 0;
   if (!x_cl && g.sh == 1 && g.sw == 1 && (!padded || (pv && g.Wo <= g.W && masked != 0))) {
@@ -650,41 +649,36 @@ static at::Tensor prepare_planar(const at::Tensor& x, bool x_cl, const Geom& g, 
     job.L = (g.Ho - 1) * job.Wq + g.Wo;
     pk.units = 0;
     if (!padded) return x;
-    // (thresholds measured at batch 8: in place wins at 56x56 and 28x28, 92-96% of vectors on
-    // the fast path; stacked wins at 14x14, 77%, and 7x7). Where the batch cannot be stacked
-    // (one image) in place beats the zero-padded copy however few vectors take the fast path:
-    // 3x3 at b1 on 7x7 0.89-0.96 of the time, 10x10 0.69-0.79, 3x3 / 5x5 0.82-0.89; 5x5 and 7x7
-    // kernels on 28x28 / 56x56 (no fast path at all) 0.99-1.03.
+    // In place beats the zero-padded copy however few vectors take the 3x3 fast path (3x3 at
+    // b1 on 7x7 0.89-0.96 of the time, 10x10 0.69-0.79, 3x3 / 5x5 0.82-0.89; 5x5 and 7x7
+    // kernels on 28x28 / 56x56, no fast path at all, 0.99-1.03), so the copy is left to the
+    // inputs this block does not take. A batch of images may be stacked instead (measured at
+    // batch 8: in place wins at 56x56 and 28x28, 92-96% of vectors on the fast path; stacked
+    // wins at 14x14, 77%, and 7x7).
     const double simple = build_mbits(job, g);  // fraction of vectors on the 3x3 fast path
-    const bool prefer_stack = stackable && (stack == 2 || simple < 0.85);
-    if (masked == 2 || !stackable || (!prefer_stack && simple >= 0.75)) return x;
+    if (masked == 2 || !stackable || (stack != 2 && simple >= 0.85)) return x;
     // Small images of a batch (7x7, 14x14): a pixel vector would waste lanes at the end of each
     // image (49 pixels = 3 vectors + 1), and most vectors touch a first or last row. Copy the
     // batch unpadded with the images side by side instead, and run the masked loop over all of
-    // them as one long row of pixels (GP_1XN_STACK=0: the zero-padded copy as before). The taps
-    // keep their offsets (rows of W); only the masks change.
-    if (stackable) {
-      const int64_t hw = g.H * g.W;
-      auto xq = at::empty({g.B * g.C * hw + 64}, x.options());
-      pk.src = x.data_ptr<float>();
-      pk.dst = xq.data_ptr<float>();
-      pk.g = g;
-      pk.stacked = true;
-      pk.plane = hw;
-      pk.cs = g.B * hw;
-      pk.units = g.B * g.C;
-      job.x = pk.dst;
-      job.cs = g.B * hw;
-      job.bs = 0;
-      job.n_img = g.B;
-      job.B = 1;
-      job.L = g.B * hw;
-      build_mbits(job, g);
-      return xq;
-    }
-    job.toff.clear();
-    job.mbits = nullptr;
-    job.simple3.clear();
+    // them as one long row of pixels. The taps keep their offsets (rows of W); only the masks
+    // change.
+    const int64_t hw = g.H * g.W;
+    auto xq = at::empty({g.B * g.C * hw + 64}, x.options());
+    pk.src = x.data_ptr<float>();
+    pk.dst = xq.data_ptr<float>();
+    pk.g = g;
+    pk.stacked = true;
+    pk.plane = hw;
+    pk.cs = g.B * hw;
+    pk.units = g.B * g.C;
+    job.x = pk.dst;
+    job.cs = g.B * hw;
+    job.bs = 0;
+    job.n_img = g.B;
+    job.B = 1;
+    job.L = g.B * hw;
+    build_mbits(job, g);
+    return xq;
   }
   // phase planes used by some tap
   std::vector<int> plane_of(g.sh * g.sw, -1);
