@@ -282,7 +282,13 @@ NOTES = """## How it was measured
 - Input is NCHW float32 (what users have); the sparse op reads it in place (1x1) or packs it
   into zero-padded planes (padding/stride; per block of rows inside the kernel when the batch
   is big), and returns NCHW.
-- GFLOP/s counts only the kept (non-zero) multiply-adds.
+- GFLOP/s counts only the kept (non-zero) multiply-adds, of a direct convolution.
+- 3x3 stride-1 layers with at most 16x16 outputs in at least 32 tiles of 2x2 and at least 96
+  kept input channels per group (14x14 at 50%, 7x7 at batch 8) run by Winograd
+  F(2x2, 3x3) (`GP_1XN_WINO`, see `graphprune/kernels/onexn.py`): 16 multiplies per 2x2 outputs
+  instead of 36, so their speedups are not bounded by dense time x (1 - sparsity), and their
+  GFLOP/s (direct-conv FLOPs / time) can exceed what the kernel executes. Dense `F.conv2d`
+  (oneDNN) runs direct convolution here.
 """
 
 

@@ -24,15 +24,22 @@ CPP = onexn.available()
 PATHS = ["cpp", "cpp-avx2", "reference"]
 # + the C++ kernel with the masked in-place mode forced on every stride-1 padded NCHW conv
 # (GP_1XN_MASKED=2; by default it runs on single images and where its 3x3 fast path covers
-# most of the image) and forced off (GP_1XN_MASKED=0: the zero-padded copy)
-CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked", "cpp-planes"]
+# most of the image) and forced off (GP_1XN_MASKED=0: the zero-padded copy); the 3x3 stride-1
+# convs of these paths, and of "cpp-direct", skip the Winograd kernel (GP_1XN_WINO=0: by default
+# it runs the 3x3 stride-1 NCHW convs with at most 16x16 outputs in at least 32 2x2 tiles and
+# at least 96 kept channels),
+# "cpp-wino" runs it on every
+# 3x3 stride-1 NCHW conv (GP_1XN_WINO=2)
+CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked", "cpp-planes", "cpp-direct", "cpp-wino"]
 # + the C++ kernel with the channel-blocked ov mode forced on every linear (GP_1XN_OVB=2; by
 # default it runs only where a tile's rows of all input channels would not stay in L1)
 LINEAR_PATHS = [*PATHS, "cpp-ovb", "cpp-avx2-ovb"]
 FORCED = {
-    "-masked": ("GP_1XN_MASKED", "2"),
-    "-planes": ("GP_1XN_MASKED", "0"),
-    "-ovb": ("GP_1XN_OVB", "2"),
+    "-masked": {"GP_1XN_MASKED": "2", "GP_1XN_WINO": "0"},
+    "-planes": {"GP_1XN_MASKED": "0", "GP_1XN_WINO": "0"},
+    "-direct": {"GP_1XN_WINO": "0"},
+    "-wino": {"GP_1XN_WINO": "2"},
+    "-ovb": {"GP_1XN_OVB": "2"},
 }
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -44,9 +51,9 @@ def _run_path(path: str, fn):
             return fn()
     if not CPP:
         pytest.skip("the 1xN C++ kernel is not available")
-    for suffix, (var, value) in FORCED.items():
+    for suffix, env in FORCED.items():
         if path.endswith(suffix):
-            with mock.patch.dict(os.environ, {var: value}):
+            with mock.patch.dict(os.environ, env):
                 return _run_path(path.removesuffix(suffix), fn)
     if path == "cpp-avx2":
         with onexn.use_isa("avx2"):
@@ -130,6 +137,75 @@ def test_conv_matches_dense_masked(
         assert y.is_contiguous(memory_format=torch.channels_last)
     else:
         assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("path", ["cpp-wino", "cpp-avx2-wino"])
+@SETTINGS
+@given(
+    batch=st.integers(1, 3),
+    c=st.integers(1, 20),
+    n=st.sampled_from([4, 8, 16, 32]),
+    groups=st.integers(1, 3),
+    hw=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    sparsity=st.sampled_from([0.0, 0.5, 0.75, 0.9]),
+    bias=st.booleans(),
+    epilogue=st.sampled_from(["", "relu", "res", "res+relu"]),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_wino_matches_dense_masked(
+    path, batch, c, n, groups, hw, padding, sparsity, bias, epilogue, threads, seed
+):
+    """The Winograd F(2x2, 3x3) kernel (3x3 stride-1 NCHW convs; odd sizes, images wider than
+    one vector of tiles, any padding) == F.conv2d with the masked dense weight (rel. err <
+    1e-5), epilogue included; with AVX2 the transforms take the generic path."""
+    out_hw = [hw[i] + 2 * padding[i] - 2 for i in range(2)]
+    assume(min(out_hw) >= 1)
+    conv, mask, sp = _sparse_conv(
+        c, n * groups, n, sparsity, seed, bias=bias, kernel_size=3, padding=padding
+    )
+    x = torch.randn(batch, c, *hw)
+    res = torch.randn(batch, n * groups, *out_hw) if "res" in epilogue else None
+    sp.relu = "relu" in epilogue
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            b64 = None if conv.bias is None else conv.bias.double()
+            pre = F.conv2d(x.double(), (conv.weight * mask).double(), b64, 1, padding)
+            ref, scale = _epi_ref(pre, res, sp.relu), _epi_scale(pre, res)
+            y = _run_path(path, lambda: sp(x, res))
+    finally:
+        torch.set_num_threads(old)
+    assert "_wino_cache" in sp.__dict__  # it ran the Winograd kernel
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert _rel_err(y, ref, scale) < 1e-5
+
+
+def test_wino_default_choice_and_cache():
+    """By default Winograd runs the 3x3 stride-1 convs with at most 16x16 outputs in at least 32
+    tiles and at least 96 kept channels (not 56x56, not one 7x7 image: 16 tiles, not
+    channels_last input, not 48 kept); its transformed kernels follow in-place changes of
+    ``values``."""
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    _, _, few = _sparse_conv(192, 32, 16, 0.75, 0, bias=False, kernel_size=3, padding=1)
+    _, _, sp = _sparse_conv(192, 32, 16, 0.5, 0, bias=False, kernel_size=3, padding=1)
+    x = torch.randn(2, 192, 7, 7)
+    with torch.no_grad():
+        few(x)
+        assert few.kept == 48 and "_wino_cache" not in few.__dict__
+        sp(x.contiguous(memory_format=torch.channels_last))
+        sp(torch.randn(1, 192, 56, 56))
+        sp(torch.randn(1, 192, 7, 7))
+        assert sp.kept == 96 and "_wino_cache" not in sp.__dict__
+        y = sp(x)
+        assert "_wino_cache" in sp.__dict__
+        sp.values.mul_(2)
+        y2 = sp(x)
+        ref2 = F.conv2d(x.double(), sp.to_dense().double(), None, 1, 1)
+    assert _rel_err(y2, ref2) < 1e-5 and _rel_err(y2, 2 * y) < 1e-5
 
 
 @pytest.mark.parametrize("path", LINEAR_PATHS)
@@ -230,7 +306,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
 
     GP_1XN_L1_KB=1 forces the smallest channel blocks, exercising partial-sum accumulation.
     The 3x3 pad-1 layer at 56x56 takes the masked in-place mode's 3x3 fast path on most tiles;
-    the 14x14 one (batch 2) the stacked mode by default, in-place with the mode forced on.
+    the 14x14 one (batch 2) Winograd by default, the stacked mode with Winograd off, in-place
+    with the masked mode forced on.
     """
     if l1_kb:
         monkeypatch.setenv("GP_1XN_L1_KB", l1_kb)
@@ -238,7 +315,8 @@ def test_conv_realistic_shapes(monkeypatch, l1_kb, c, k, hw, ks, stride, pad):
     x = torch.randn(2, c, hw, hw)
     with torch.no_grad():
         ref = F.conv2d(x, sp.to_dense(), sp.bias, stride, pad)
-        for path in ("cpp", "cpp-masked", "cpp-planes", "cpp-avx2", "reference"):
+        for path in ("cpp", "cpp-masked", "cpp-planes", "cpp-direct", "cpp-wino", "cpp-avx2",
+                     "reference"):  # fmt: skip
             assert _rel_err(_run_path(path, lambda: sp(x)), ref) < 1e-5
 
 

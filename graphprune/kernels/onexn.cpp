@@ -76,6 +76,10 @@
 // GP_1XN_WPFD (the masked loop's L1 prefetch of its weights, in kept channels ahead: 0 off; 4),
 // GP_1XN_AFFINE (one range of items per thread: 1 pv jobs, 2 every job, 0 none).
 //
+// Winograd (conv2d_1xn_wino): a 3x3 stride-1 conv as 16 block-sparse 1x1 convs over transformed
+// tiles, one job whose "images" are the 16 taps, each with its own weights (Job::w_bs, y_bs);
+// see the comment above it. onexn.py decides when it runs (GP_1XN_WINO).
+//
 // The file includes itself once per instruction set (AVX-512, AVX2) with `#pragma GCC target`
 // so one build serves both; the ISA is chosen at run time.
 
@@ -202,12 +206,14 @@ struct Job {
   int64_t taps = 1, Wq = 1, L = 1;
   // weights
   const float* w = nullptr;
+  int64_t w_bs = 0;  // floats between the weights of consecutive images (Winograd: one per tap)
   const int32_t* idx = nullptr;
   bool idx_sorted = false;  // every group's idx strictly increasing (as onexn.py packs them)
   const float* bias = nullptr;
   int64_t N = 1, G = 1, kept = 0, K = 1;
   // output
   float* y = nullptr;
+  int64_t y_bs = 0;  // NCHW output: floats per image (K * Ho * Wo, or more: Winograd pads it)
   bool y_cl = false;
   // epilogue, applied once a pixel's sum is complete: y = act(sum + bias + res)
   const float* res = nullptr;  // residual laid out like y (same sizes and memory format)
@@ -869,6 +875,7 @@ at::Tensor conv2d_1xn(const at::Tensor& x_in, const at::Tensor& values,
   job.C = g.C;
   job.B = g.B; job.Ho = g.Ho; job.Wo = g.Wo;
   job.y = y.data_ptr<float>();
+  job.y_bs = g.K * g.Ho * g.Wo;
   job.y_cl = x_cl;
   const at::Tensor res_keep = fill_epilogue(job, y, x_cl, residual, relu);
   // NHWC output: ov stores it directly; pv (full vectors over pixels) pays a transposed store
@@ -909,6 +916,7 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
   job.C = C;
   job.B = 1; job.Ho = 1; job.Wo = M;
   job.y = y.data_ptr<float>();
+  job.y_bs = M * job.K;
   job.y_cl = true;  // [M, K] is NHWC with H = 1, W = M
   const at::Tensor res_keep = fill_epilogue(job, y, true, residual, relu);
   job.kind = (n % vec_width() == 0 || M < pv_tile_px()) ? Kind::OV : Kind::PV;
@@ -926,6 +934,298 @@ at::Tensor linear_1xn(const at::Tensor& x_in, const at::Tensor& values,
   return y;
 }
 
+// Winograd F(2x2, 3x3) for a 3x3, stride-1, dilation-1 conv on NCHW input (Lavin & Gray): each
+// 4x4 input tile d (output tiles of 2x2 pixels, tiles over the padded input at stride 2) becomes
+// V = B^T d B, each 3x3 kernel U = G g G^T (done by onexn.py; a zero 1xN block stays zero, so U
+// keeps the layer's block pattern), and the 16 taps xi of the tile are 16 independent 1x1 convs
+// M_xi = U_xi V_xi over the tiles -- one 1xN job whose "images" are the 16 taps, each with its
+// own weights (Job::w_bs). The output tile is A^T M A, with the bias / residual / ReLU epilogue.
+// 16 multiplies per 4 outputs instead of 36 (2.25x fewer; odd sizes round up to whole tiles).
+//   V: [16, C, T], T = B * TH * TW tiles (b, ty, tx); M: [16, K, T].
+
+// Input transform of channel c of image b: V[xi, c, (b, ty, tx)] for all tiles (tile (ty, tx)
+// reads input rows 2ty - ph + [0, 4), columns 2tx - pw + [0, 4); zeros outside the image).
+#ifdef __AVX512F__
+static void wino_input_avx512(const float* xc, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                              int64_t TH, int64_t TW, float* v, int64_t xi_stride, float*) {
+  // 16 tiles at a time: the rows combined (B^T d) at columns 2tx + {0, 16} and 2tx + {2, 18},
+  // then even / odd columns by one two-source permute each
+  const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  for (int64_t ty = 0; ty < TH; ++ty) {
+    for (int64_t k = 0; k < TW; k += 16) {
+      __m512 e[4][4];  // [row combination i][column offset 0, 16, 2, 18]
+      __m512 d[4][4];
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t r = 2 * ty - ph + i;
+        for (int q = 0; q < 4; ++q) {
+          if (r < 0 || r >= H) {
+            d[i][q] = _mm512_setzero_ps();
+            continue;
+          }
+          const int64_t c0 = 2 * k + (q & 1) * 16 + (q >> 1) * 2 - pw;  // column of lane 0
+          const int64_t lo = std::max<int64_t>(0, -c0), hi = std::min<int64_t>(16, W - c0);
+          const __mmask16 m = hi > lo ? (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)) : 0;
+          d[i][q] = _mm512_maskz_loadu_ps(m, xc + r * W + c0);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        e[0][q] = _mm512_sub_ps(d[0][q], d[2][q]);
+        e[1][q] = _mm512_add_ps(d[1][q], d[2][q]);
+        e[2][q] = _mm512_sub_ps(d[2][q], d[1][q]);
+        e[3][q] = _mm512_sub_ps(d[1][q], d[3][q]);
+      }
+      const __mmask16 m = (__mmask16)((1u << std::min<int64_t>(16, TW - k)) - 1);
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m512 a0 = _mm512_permutex2var_ps(e[i][0], ev, e[i][1]);
+        const __m512 a1 = _mm512_permutex2var_ps(e[i][0], od, e[i][1]);
+        const __m512 a2 = _mm512_permutex2var_ps(e[i][2], ev, e[i][3]);
+        const __m512 a3 = _mm512_permutex2var_ps(e[i][2], od, e[i][3]);
+        float* vi = v + i * 4 * xi_stride + ty * TW + k;
+        _mm512_mask_storeu_ps(vi, m, _mm512_sub_ps(a0, a2));
+        _mm512_mask_storeu_ps(vi + xi_stride, m, _mm512_add_ps(a1, a2));
+        _mm512_mask_storeu_ps(vi + 2 * xi_stride, m, _mm512_sub_ps(a2, a1));
+        _mm512_mask_storeu_ps(vi + 3 * xi_stride, m, _mm512_sub_ps(a1, a3));
+      }
+    }
+  }
+}
+#endif
+static void wino_input_generic(const float* xc, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                               int64_t TH, int64_t TW, float* v, int64_t xi_stride, float* buf) {
+  const int64_t Wp = 2 * TW + 2;  // padded row: column j is input column j - pw
+  const int64_t lo = std::min(pw, Wp), hi = std::min(Wp, pw + W);  // valid columns [lo, hi)
+  float* d = buf;                 // [4][Wp] the tile row's 4 input rows, padded
+  float* e = buf + 4 * Wp;        // [4][Wp] rows combined: B^T d
+  for (int64_t ty = 0; ty < TH; ++ty) {
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t r = 2 * ty - ph + i;
+      float* di = d + i * Wp;
+      if (r < 0 || r >= H || hi <= lo) {
+        std::fill(di, di + Wp, 0.f);
+        continue;
+      }
+      std::fill(di, di + lo, 0.f);
+      std::memcpy(di + lo, xc + r * W + (lo - pw), 4 * (hi - lo));
+      std::fill(di + hi, di + Wp, 0.f);
+    }
+    for (int64_t j = 0; j < Wp; ++j) {
+      const float d0 = d[j], d1 = d[Wp + j], d2 = d[2 * Wp + j], d3 = d[3 * Wp + j];
+      e[j] = d0 - d2;
+      e[Wp + j] = d1 + d2;
+      e[2 * Wp + j] = d2 - d1;
+      e[3 * Wp + j] = d1 - d3;
+    }
+    for (int64_t i = 0; i < 4; ++i) {
+      const float* ei = e + i * Wp;
+      float* vi = v + i * 4 * xi_stride + ty * TW;
+      for (int64_t k = 0; k < TW; ++k) {
+        const float a0 = ei[2 * k], a1 = ei[2 * k + 1], a2 = ei[2 * k + 2], a3 = ei[2 * k + 3];
+        vi[k] = a0 - a2;
+        vi[xi_stride + k] = a1 + a2;
+        vi[2 * xi_stride + k] = a2 - a1;
+        vi[3 * xi_stride + k] = a1 - a3;
+      }
+    }
+  }
+}
+
+static void wino_input(const float* xc, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t TH,
+                       int64_t TW, float* v, int64_t xi_stride, float* buf) {
+#ifdef __AVX512F__
+  if (g_isa == Isa::AVX512) return wino_input_avx512(xc, H, W, ph, pw, TH, TW, v, xi_stride, buf);
+#endif
+  wino_input_generic(xc, H, W, ph, pw, TH, TW, v, xi_stride, buf);
+}
+
+// Output transform of output channel k of image b: y = act(A^T M A + bias + res).
+#ifdef __AVX512F__
+static void wino_output_avx512(const float* m, int64_t xi_stride, int64_t TH, int64_t TW,
+                               int64_t Ho, int64_t Wo, float bias, const float* res, bool relu,
+                               float* y, float*) {
+  // 16 tiles at a time; a row's even / odd output columns interleaved by two permutes
+  const __m512i lo_ix = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_ix = _mm512_add_epi32(lo_ix, _mm512_set1_epi32(8));
+  const __m512 vb = _mm512_set1_ps(bias), z = _mm512_setzero_ps();
+  for (int64_t ty = 0; ty < TH; ++ty) {
+    for (int64_t k = 0; k < TW; k += 16) {
+      const __mmask16 mk = (__mmask16)((1u << std::min<int64_t>(16, TW - k)) - 1);
+      const float* mt = m + ty * TW + k;
+      __m512 s0[4], s1[4];
+      for (int j = 0; j < 4; ++j) {
+        const __m512 m0 = _mm512_maskz_loadu_ps(mk, mt + j * xi_stride);
+        const __m512 m1 = _mm512_maskz_loadu_ps(mk, mt + (4 + j) * xi_stride);
+        const __m512 m2 = _mm512_maskz_loadu_ps(mk, mt + (8 + j) * xi_stride);
+        const __m512 m3 = _mm512_maskz_loadu_ps(mk, mt + (12 + j) * xi_stride);
+        s0[j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+        s1[j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+      }
+      for (int64_t rr = 0; rr < 2; ++rr) {
+        const int64_t oh = 2 * ty + rr;
+        if (oh >= Ho) break;
+        const __m512* sr = rr ? s1 : s0;
+        const __m512 ye = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sr[0], sr[1]), sr[2]), vb);
+        const __m512 yo = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(sr[1], sr[2]), sr[3]), vb);
+        const __m512 out[2] = {_mm512_permutex2var_ps(ye, lo_ix, yo),
+                               _mm512_permutex2var_ps(ye, hi_ix, yo)};
+        for (int h = 0; h < 2; ++h) {
+          const int64_t c0 = 2 * k + 16 * h, n = std::min<int64_t>(16, Wo - c0);
+          if (n <= 0) break;
+          const __mmask16 mo = (__mmask16)((1u << n) - 1);
+          __m512 t = out[h];
+          if (res) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mo, res + oh * Wo + c0));
+          if (relu) t = _mm512_max_ps(t, z);
+          _mm512_mask_storeu_ps(y + oh * Wo + c0, mo, t);
+        }
+      }
+    }
+  }
+}
+#endif
+static void wino_output_generic(const float* m, int64_t xi_stride, int64_t TH, int64_t TW,
+                                int64_t Ho, int64_t Wo, float bias, const float* res, bool relu,
+                                float* y, float* buf) {
+  float* o = buf;  // [2 rows][2 * TW] the tile row's outputs, columns in order
+  for (int64_t ty = 0; ty < TH; ++ty) {
+    const float* mt[16];
+    for (int xi = 0; xi < 16; ++xi) mt[xi] = m + xi * xi_stride + ty * TW;
+#pragma omp simd
+    for (int64_t k = 0; k < TW; ++k) {
+      float s0[4], s1[4];
+      for (int j = 0; j < 4; ++j) {
+        s0[j] = mt[j][k] + mt[4 + j][k] + mt[8 + j][k];
+        s1[j] = mt[4 + j][k] - mt[8 + j][k] - mt[12 + j][k];
+      }
+      o[2 * k] = s0[0] + s0[1] + s0[2] + bias;
+      o[2 * k + 1] = s0[1] - s0[2] - s0[3] + bias;
+      o[2 * TW + 2 * k] = s1[0] + s1[1] + s1[2] + bias;
+      o[2 * TW + 2 * k + 1] = s1[1] - s1[2] - s1[3] + bias;
+    }
+    for (int64_t rr = 0; rr < 2; ++rr) {
+      const int64_t oh = 2 * ty + rr;
+      if (oh >= Ho) break;
+      const float* src = o + rr * 2 * TW;
+      float* yr = y + oh * Wo;
+      if (res) {
+        const float* rs = res + oh * Wo;
+        if (relu) {
+#pragma omp simd
+          for (int64_t ow = 0; ow < Wo; ++ow) yr[ow] = std::max(src[ow] + rs[ow], 0.f);
+        } else {
+#pragma omp simd
+          for (int64_t ow = 0; ow < Wo; ++ow) yr[ow] = src[ow] + rs[ow];
+        }
+      } else if (relu) {
+#pragma omp simd
+        for (int64_t ow = 0; ow < Wo; ++ow) yr[ow] = std::max(src[ow], 0.f);
+      } else {
+        std::memcpy(yr, src, 4 * Wo);
+      }
+    }
+  }
+}
+
+
+static void wino_output(const float* m, int64_t xi_stride, int64_t TH, int64_t TW, int64_t Ho,
+                        int64_t Wo, float bias, const float* res, bool relu, float* y,
+                        float* buf) {
+#ifdef __AVX512F__
+  if (g_isa == Isa::AVX512)
+    return wino_output_avx512(m, xi_stride, TH, TW, Ho, Wo, bias, res, relu, y, buf);
+#endif
+  wino_output_generic(m, xi_stride, TH, TW, Ho, Wo, bias, res, relu, y, buf);
+}
+
+// 3x3 stride-1 dilation-1 conv with a uniform 1xN block-sparse weight, by Winograd F(2x2, 3x3).
+// x: [B, C, H, W] float32 NCHW; wvalues [16, G, kept, N]: the transformed kernels, element
+// (xi, g, j, n) = (G w G^T)[xi] of weight[g*N + n, indices[g, j]]. Output NCHW.
+at::Tensor conv2d_1xn_wino(const at::Tensor& x_in, const at::Tensor& wvalues,
+                           const at::Tensor& indices, const c10::optional<at::Tensor>& bias,
+                           int64_t ph, int64_t pw, int64_t n,
+                           const c10::optional<at::Tensor>& residual, bool relu) {
+  TORCH_CHECK(g_isa != Isa::NONE, "graphprune 1xN: CPU lacks AVX2/FMA");
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "graphprune 1xN: x must be a 4-D float32 CPU tensor");
+  TORCH_CHECK(wvalues.dim() == 4 && wvalues.size(0) == 16 && wvalues.size(3) == n &&
+                  wvalues.scalar_type() == at::kFloat && wvalues.is_contiguous(),
+              "graphprune 1xN Winograd: wvalues must be a contiguous float32 [16, G, kept, N]");
+  TORCH_CHECK(ph >= 0 && pw >= 0 && n > 0, "graphprune 1xN: bad padding/N");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Ho = H + 2 * ph - 2, Wo = W + 2 * pw - 2;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "graphprune 1xN: output would be empty");
+  const at::Tensor w0 = wvalues[0];
+  const bool sorted = check_weights(w0, indices, bias, n, C, 1);
+  const int64_t G = wvalues.size(1), kept = wvalues.size(2), K = G * n;
+  at::Tensor y = at::empty({B, K, Ho, Wo}, x.options());
+  if (B == 0) return y;
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
+                    residual->sizes() == y.sizes(),
+                "graphprune 1xN: residual must be a float32 CPU tensor of the output's shape ",
+                y.sizes(), ", got ", residual->sizes());
+    res = residual->contiguous();
+  }
+  const int64_t TH = (Ho + 1) / 2, TW = (Wo + 1) / 2, TI = TH * TW, T = B * TI;
+  // (tap planes padded off multiples of 4 KB: 16 streams 4 KB apart would share their L1 sets)
+  const int64_t vs = C * T + (C * T % 1024 == 0 ? 32 : 0);
+  at::Tensor V = at::empty({16 * vs}, x.options());
+  const int64_t ms = K * T + (K * T % 1024 == 0 ? 32 : 0);
+  at::Tensor M = at::empty({16 * ms}, x.options());
+  const int nth = std::max(1, at::get_num_threads());
+  const float* xp = x.data_ptr<float>();
+  float* vp = V.data_ptr<float>();
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<float> buf(8 * (2 * TW + 2));
+#pragma omp for schedule(static)
+    for (int64_t cb = 0; cb < B * C; ++cb) {  // channel-major: V's rows are written in order
+      const int64_t c = cb / B, b = cb % B;
+      wino_input(xp + (b * C + c) * H * W, H, W, ph, pw, TH, TW, vp + c * T + b * TI, vs,
+                 buf.data());
+    }
+  }
+  Job job;
+  Pack pk;
+  fill_weights(job, w0, indices, c10::nullopt, n, sorted);
+  job.w = wvalues.data_ptr<float>();
+  job.w_bs = G * kept * n;
+  job.taps = 1;
+  job.C = C;
+  job.B = 16; job.Ho = 1; job.Wo = T;
+  job.y = M.data_ptr<float>();
+  job.y_bs = ms;
+  job.y_cl = false;
+  job.relu = false;
+  job.res = nullptr;
+  job.kind = Kind::PV;
+  job.x = vp;
+  job.ld = 1;
+  job.cs = T;
+  job.bs = vs;
+  job.Wq = T;
+  job.L = T;
+  job.toff = {0};
+  plan_tiles(job);
+  run_job(job, pk);
+  const float* mp = M.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* rp = res.defined() ? res.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<float> buf(4 * TW);
+#pragma omp for schedule(static)
+    for (int64_t kb = 0; kb < B * K; ++kb) {  // channel-major: M's rows are read in order
+      const int64_t k = kb / B, b = kb % B, bk = b * K + k;
+      wino_output(mp + k * T + b * TI, ms, TH, TW, Ho, Wo, bp ? bp[k] : 0.f,
+                  rp ? rp + bk * Ho * Wo : nullptr, relu, yp + bk * Ho * Wo, buf.data());
+    }
+  }
+  return y;
+}
+
 }  // namespace gp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -933,6 +1233,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_1xn", &gp::conv2d_1xn, "1xN block-sparse conv2d",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_1xn", &gp::linear_1xn, "1xN block-sparse linear",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("conv2d_1xn_wino", &gp::conv2d_1xn_wino, "1xN block-sparse 3x3 conv2d by Winograd",
         py::call_guard<py::gil_scoped_release>());
   m.def("get_isa", &gp::get_isa, "instruction set in use");
   m.def("set_isa", &gp::set_isa, "choose instruction set: auto, avx512, avx2");
@@ -1337,7 +1639,8 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
   for (int64_t c0 = 0; c0 < jb.N;) {
     const auto [kind, width] = ov_chunk(jb.N - c0);
     const int64_t k0 = g * jb.N + c0;
-    kOv[kind + 3][cnt](xt, 1, off, jb.kept * jb.taps, jb.w + g * jb.kept * jb.taps * jb.N + c0,
+    kOv[kind + 3][cnt](xt, 1, off, jb.kept * jb.taps,
+                       jb.w + b * jb.w_bs + g * jb.kept * jb.taps * jb.N + c0,
                        jb.N, jb.bias ? jb.bias + k0 : nullptr, outp, width, nullptr, false);
     for (int64_t p = 0; p < cnt; ++p) {
       const int64_t f = f0 + p, oh = f / jb.Wq, ow = f - oh * jb.Wq;
@@ -1345,7 +1648,7 @@ static void ov_tail(const Job& jb, int64_t g, int64_t b, const float* xt, int64_
       const int64_t pix = oh * jb.Wo + ow;
       for (int64_t n = 0; n < width; ++n) {
         const int64_t at = jb.y_cl ? (b * HoWo + pix) * jb.K + k0 + n
-                                   : (b * jb.K + k0 + n) * HoWo + pix;
+                                   : b * jb.y_bs + (k0 + n) * HoWo + pix;
         jb.y[at] = epi1(outp[p][n], jb.res ? jb.res + at : nullptr, jb.relu);
       }
     }
@@ -1402,7 +1705,7 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
   const int64_t NC = pv_nc(), V = pv_vmax(NC), TP = jb.tile;
   const int64_t HoWo = jb.Ho * jb.Wo;
   const bool in_place = !jb.y_cl;  // NCHW output written directly, NHWC through buf
-  const float* wg = jb.w + g * jb.kept * jb.taps * jb.N;
+  const float* wg = jb.w + b * jb.w_bs + g * jb.kept * jb.taps * jb.N;
   PvStore st;
   // tile, then blocks of kept channels (whose rows of the tile stay in L1), then output chunks
   for (int64_t f0 = fa; f0 < fb; f0 += TP) {
@@ -1426,7 +1729,7 @@ static void pv_unit(const Job& jb, const float* xb, int64_t fshift, int64_t b, i
       const int64_t nq = (std::min(jb.kept, j0 + jb.jblock) - j0) * jb.taps;
       for (int64_t c0 = 0; c0 < jb.N; c0 += NC) {
         const int64_t nc = std::min(NC, jb.N - c0), k0 = g * jb.N + c0;
-        float* out = in_place ? jb.y + (b * jb.K + k0) * HoWo : buf + c0 * TP;
+        float* out = in_place ? jb.y + b * jb.y_bs + k0 * HoWo : buf + c0 * TP;
         const int64_t ldo = in_place ? HoWo : TP;
         // NCHW: the epilogue runs in the tile's store; NHWC: in pv_writeback
         const bool fin = in_place && j0 + jb.jblock >= jb.kept;
@@ -1463,7 +1766,7 @@ static void ov_unit(const Job& jb, int64_t u, int64_t g, const int64_t* off) {
         outp[p] = ow < jb.Wo ? jb.y + at : nullptr;
         resp[p] = ow < jb.Wo && jb.res ? jb.res + at : nullptr;
       }
-      const float* wg = jb.w + g * jb.kept * jb.taps * jb.N + c0;
+      const float* wg = jb.w + b * jb.w_bs + g * jb.kept * jb.taps * jb.N + c0;
       const float* bg = jb.bias ? jb.bias + k0 : nullptr;
       kOv[kind + unit][P](xb, jb.ld, off, jb.kept * jb.taps, wg, jb.N, bg, outp, width,
                           jb.res ? resp : nullptr, jb.relu);
@@ -1510,7 +1813,7 @@ static void ovb_unit(const Job& jb, int64_t u, int64_t g_lo, int64_t g_hi, float
         const int64_t j0 = jb.cbound[g * nb + k], j1 = jb.cbound[g * nb + k + 1];
         if (k > 0 && j0 == j1 && !fin) continue;
         const int32_t* ig = jb.idx + g * jb.kept + j0;
-        const float* wg = jb.w + (g * jb.kept + j0) * jb.N;
+        const float* wg = jb.w + r.b * jb.w_bs + (g * jb.kept + j0) * jb.N;
         for (int64_t n0 = 0; n0 < jb.N;) {
           const int64_t nv = jb.N - n0 >= 2 * W ? 2 : 1, pm = ovb_pmax((int)nv);
           const int64_t k0 = g * jb.N + n0;

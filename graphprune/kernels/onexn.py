@@ -14,6 +14,17 @@ back. ``GRAPHPRUNE_NO_CPP=1`` or ``use_reference()`` force the reference path.
 
 Conv input is NCHW float32 (any stride/padding/dilation, batch >= 1); a channels_last input is
 read without a layout copy where possible and gives a channels_last output.
+
+``Conv2d1xN`` runs its 3x3 stride-1 dilation-1 convs on NCHW input with at most 16x16 outputs
+in at least 32 output tiles of 2x2 and with at least 96 kept input channels per group (the
+14x14 stage of a ResNet, the 7x7 one from batch 2, at 50%; the 7x7 one at 75%) by Winograd
+F(2x2, 3x3) instead (``wino_values``,
+``wino_wanted``; ``GP_1XN_WINO``: 0 never, 2 on every such conv): the 16 taps of the
+transformed tiles are 16 block-sparse 1x1 convs with the layer's block pattern (a pruned block
+stays zero under the kernel transform), 2.25x fewer multiplies than direct; the transformed
+kernels are cached on the module and follow in-place changes of ``values``. It runs where the
+module calls the extension directly (eager, no autograd to record); the custom op (autograd,
+torch.compile, torch.export) runs the direct kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ __all__ = [
     "isa",
     "pack_1xn",
     "unpack_1xn",
+    "wino_values",
+    "wino_wanted",
     "conv2d_1xn_reference",
     "linear_1xn_reference",
     "conv2d_1xn",
@@ -464,6 +477,35 @@ def _eager_ext(x: Tensor, values: Tensor, bias: Tensor | None, residual: Tensor 
     return _cpp_for(x, values, bias, residual)
 
 
+# Winograd F(2x2, 3x3) kernel transform G (4x3): U = G w G^T
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def wino_values(values: Tensor, n: int) -> Tensor:
+    """Winograd F(2x2, 3x3) kernels of packed 3x3 ``values`` ``[G, kept, 9*N]`` as
+    ``[16, G, kept, N]``: element ``(xi, g, j, n)`` is tap ``xi`` of ``G w G^T`` for the kernel
+    of output ``g*N + n``, input ``indices[g, j]`` (a pruned block stays pruned). Computed in
+    float64, stored in ``values``' dtype."""
+    g, kept = values.shape[:2]
+    w = values.detach().to(torch.float64).reshape(g, kept, 3, 3, n)
+    gm = torch.tensor(_WINO_G, dtype=torch.float64, device=values.device)
+    u = torch.einsum("ar,gjrsn,bs->abgjn", gm, w, gm)
+    return u.reshape(16, g, kept, n).to(values.dtype).contiguous()
+
+
+def wino_wanted(batch: int, ho: int, wo: int, kept: int) -> bool:
+    """Whether a 3x3 / stride-1 / dilation-1 NCHW conv with ``batch x ho x wo`` outputs and
+    ``kept`` input channels per group runs by Winograd (``GP_1XN_WINO``: 0 never, 2 always, 1
+    (default) for outputs of at most 16x16 pixels in at least 32 tiles of 2x2, with at least 96
+    kept channels (its transforms cost per input channel and tile, its savings per kept one).
+    Measured against the direct kernel: faster on the 14x14 stage (b1, b8) and the 7x7 stage at
+    batch 8 with 128 or more kept channels, slower with 64 kept at batch 8, on a single 7x7
+    image (16 tiles) and on 28x28 / 56x56; see benchmarks/RESULTS_kernels.md)."""
+    mode = os.environ.get("GP_1XN_WINO", "1")
+    tiles = batch * ((ho + 1) // 2) * ((wo + 1) // 2)
+    return mode == "2" or (mode != "0" and ho * wo <= 256 and tiles >= 32 and kept >= 96)
+
+
 def _fast_attrs(m: nn.Module) -> tuple[Tensor, Tensor | None, Tensor]:
     """(values, bias, indices) of a 1xN module, read from its dicts: `nn.Module.__getattr__`
     costs ~0.5 us a lookup, and forward runs once per layer per call (a batch-1 layer's kernel
@@ -579,10 +621,32 @@ class Conv2d1xN(nn.Module):
             self.values.detach(), self.indices, self.n, self.in_channels, self.kernel_size
         )
 
+    def _wino(self, values: Tensor) -> Tensor:
+        """The Winograd kernels of ``values``, cached until ``values`` changes (in place, as an
+        optimizer step or ``load_state_dict`` does, or replaced)."""
+        key = (values.data_ptr(), values._version, tuple(values.shape))
+        cached = self.__dict__.get("_wino_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, wino_values(values, self.n))
+            self.__dict__["_wino_cache"] = cached
+        return cached[1]
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         values, bias, indices = _fast_attrs(self)
         mod = _eager_ext(x, values, bias, residual)
         if mod is not None and x.dim() == 4 and indices.dtype is torch.int32:
+            if (
+                self.kernel_size == (3, 3)
+                and self.stride == (1, 1)
+                and self.dilation == (1, 1)
+                and x.is_contiguous()
+                and wino_wanted(x.shape[0], x.shape[2] + 2 * self.padding[0] - 2,
+                                x.shape[3] + 2 * self.padding[1] - 2, values.shape[1])
+            ):  # fmt: skip
+                return mod.conv2d_1xn_wino(
+                    x, self._wino(values), indices, bias, *self.padding, self.n, residual,
+                    self.relu,
+                )  # fmt: skip
             return mod.conv2d_1xn(
                 x, values, indices, bias, *self.stride, *self.padding, *self.dilation, self.n,
                 *self.kernel_size, residual, self.relu,
