@@ -87,13 +87,19 @@ def _sparse_conv(c, k, n, sp, seed, bias=True, **kw):
     return conv, mask, onexn.Conv2d1xN.from_dense(conv, mask, n)
 
 
-@pytest.mark.parametrize("path", CONV_PATHS)
-@SETTINGS
-@given(
+# the conv sweeps' common draws: batch, input channels, N, output groups of N
+CONV_SIZES = dict(
     batch=st.integers(1, 3),
     c=st.integers(1, 20),
     n=st.sampled_from([4, 8, 16, 32]),
     groups=st.integers(1, 3),
+)
+
+
+@pytest.mark.parametrize("path", CONV_PATHS)
+@SETTINGS
+@given(
+    **CONV_SIZES,
     hw=st.tuples(st.integers(1, 13), st.integers(1, 13)),
     ks=st.tuples(st.integers(1, 3), st.integers(1, 3)),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
@@ -142,10 +148,7 @@ def test_conv_matches_dense_masked(
 @pytest.mark.parametrize("path", ["cpp-wino", "cpp-avx2-wino"])
 @SETTINGS
 @given(
-    batch=st.integers(1, 3),
-    c=st.integers(1, 20),
-    n=st.sampled_from([4, 8, 16, 32]),
-    groups=st.integers(1, 3),
+    **CONV_SIZES,
     hw=st.tuples(st.integers(1, 40), st.integers(1, 40)),
     padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
     sparsity=st.sampled_from([0.0, 0.5, 0.75, 0.9]),
