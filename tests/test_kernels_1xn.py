@@ -181,9 +181,14 @@ def test_wino_matches_dense_masked(
             y = _run_path(path, lambda: sp(x, res))
     finally:
         torch.set_num_threads(old)
-    assert "_wino_cache" in sp.__dict__  # it ran the Winograd kernel
+    assert _ran_wino(sp)
     assert y.shape == ref.shape and y.is_contiguous()
     assert _rel_err(y, ref, scale) < 1e-5
+
+
+def _ran_wino(sp: onexn.Conv2d1xN) -> bool:
+    """Whether the Winograd kernels of ``sp.values`` were computed (and are cached)."""
+    return id(sp.values) in onexn._WINO_CACHE
 
 
 def test_wino_default_choice_and_cache():
@@ -198,17 +203,48 @@ def test_wino_default_choice_and_cache():
     x = torch.randn(2, 192, 7, 7)
     with torch.no_grad():
         few(x)
-        assert few.kept == 48 and "_wino_cache" not in few.__dict__
+        assert few.kept == 48 and not _ran_wino(few)
         sp(x.contiguous(memory_format=torch.channels_last))
         sp(torch.randn(1, 192, 56, 56))
         sp(torch.randn(1, 192, 7, 7))
-        assert sp.kept == 96 and "_wino_cache" not in sp.__dict__
+        assert sp.kept == 96 and not _ran_wino(sp)
         y = sp(x)
-        assert "_wino_cache" in sp.__dict__
+        assert _ran_wino(sp)
         sp.values.mul_(2)
         y2 = sp(x)
         ref2 = F.conv2d(x.double(), sp.to_dense().double(), None, 1, 1)
     assert _rel_err(y2, ref2) < 1e-5 and _rel_err(y2, 2 * y) < 1e-5
+
+
+def test_wino_through_the_custom_op(monkeypatch):
+    """The custom op (torch.compile, autograd) picks Winograd too, computes the transformed
+    kernels once per ``values`` state, and drops them with the tensor."""
+    if not CPP:
+        pytest.skip("the 1xN C++ kernel is not available")
+    calls = []
+    real = onexn.wino_values
+    monkeypatch.setattr(onexn, "wino_values", lambda v, n: calls.append(1) or real(v, n))
+    _, _, sp = _sparse_conv(128, 32, 16, 0.25, 1, kernel_size=3, padding=1)
+    x = torch.randn(2, 128, 9, 9)
+    with torch.no_grad():
+        ref = F.conv2d(x.double(), sp.to_dense().double(), sp.bias.double(), 1, 1)
+    compiled = torch.compile(sp, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        ys = [compiled(x) for _ in range(3)]
+    assert len(calls) == 1 and _ran_wino(sp)
+    assert all(_rel_err(y, ref) < 1e-5 for y in ys)
+    # autograd: forward by Winograd, gradients of the direct conv
+    xg = x.clone().requires_grad_()
+    sp(xg).square().sum().backward()
+    xr = x.double().requires_grad_()
+    F.conv2d(xr, sp.to_dense().double(), sp.bias.detach().double(), 1, 1).square().sum().backward()
+    assert len(calls) == 1 and _rel_err(xg.grad, xr.grad) < 1e-5
+    key = id(sp.values)
+    del compiled, sp
+    import gc
+
+    gc.collect()
+    assert key not in onexn._WINO_CACHE
 
 
 @pytest.mark.parametrize("path", LINEAR_PATHS)

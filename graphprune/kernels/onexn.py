@@ -22,9 +22,9 @@ F(2x2, 3x3) instead (``wino_values``,
 ``wino_wanted``; ``GP_1XN_WINO``: 0 never, 2 on every such conv): the 16 taps of the
 transformed tiles are 16 block-sparse 1x1 convs with the layer's block pattern (a pruned block
 stays zero under the kernel transform), 2.25x fewer multiplies than direct; the transformed
-kernels are cached on the module and follow in-place changes of ``values``. It runs where the
-module calls the extension directly (eager, no autograd to record); the custom op (autograd,
-torch.compile, torch.export) runs the direct kernel.
+kernels are cached (``wino_cached``, per ``values`` tensor) and follow in-place changes of
+``values``. The custom op makes the same choice, so torch.compile / torch.export graphs and
+training forwards run it too (the backward is the direct conv's).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import statistics
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ __all__ = [
     "pack_1xn",
     "unpack_1xn",
     "wino_values",
+    "wino_cached",
     "wino_wanted",
     "conv2d_1xn_reference",
     "linear_1xn_reference",
@@ -318,11 +320,18 @@ def conv2d_1xn(
         return conv2d_1xn_reference(
             x, values, indices, bias, stride, padding, dilation, n, kernel_size, residual, relu
         )
+    values = values.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if _wino_fits(x, values, stride, padding, dilation, kernel_size):
+        return mod.conv2d_1xn_wino(
+            x, wino_cached(values, n), indices, bias, padding[0], padding[1], n, residual, relu
+        )
     return mod.conv2d_1xn(
         x,
-        values.contiguous(),
-        indices.to(torch.int32).contiguous(),
-        None if bias is None else bias.contiguous(),
+        values,
+        indices,
+        bias,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         n, kernel_size[0], kernel_size[1], residual, relu,
     )  # fmt: skip
@@ -493,6 +502,36 @@ def wino_values(values: Tensor, n: int) -> Tensor:
     return u.reshape(16, g, kept, n).to(values.dtype).contiguous()
 
 
+# id(values) -> ((data_ptr, version, shape, n), Winograd kernels); an entry goes with its tensor
+_WINO_CACHE: dict[int, tuple[tuple, Tensor]] = {}
+
+
+def wino_cached(values: Tensor, n: int) -> Tensor:
+    """``wino_values(values, n)``, kept until ``values`` changes (in place, as an optimizer step
+    or ``load_state_dict`` does: its version counter moves) or is freed."""
+    key = id(values)
+    stamp = (values.data_ptr(), values._version, tuple(values.shape), n)
+    hit = _WINO_CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if hit is None:
+        weakref.finalize(values, _WINO_CACHE.pop, key, None)
+    u = wino_values(values, n)
+    _WINO_CACHE[key] = (stamp, u)
+    return u
+
+
+def _wino_fits(x: Tensor, values: Tensor, stride, padding, dilation, kernel_size) -> bool:
+    """Whether this conv runs by Winograd: 3x3, stride 1, dilation 1, NCHW-contiguous input, and
+    ``wino_wanted``."""
+    if tuple(kernel_size) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
+        return False
+    if x.dim() != 4 or not x.is_contiguous():
+        return False
+    ho, wo = x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
+    return wino_wanted(x.shape[0], ho, wo, values.shape[1])
+
+
 def wino_wanted(batch: int, ho: int, wo: int, kept: int) -> bool:
     """Whether a 3x3 / stride-1 / dilation-1 NCHW conv with ``batch x ho x wo`` outputs and
     ``kept`` input channels per group runs by Winograd (``GP_1XN_WINO``: 0 never, 2 always, 1
@@ -621,31 +660,14 @@ class Conv2d1xN(nn.Module):
             self.values.detach(), self.indices, self.n, self.in_channels, self.kernel_size
         )
 
-    def _wino(self, values: Tensor) -> Tensor:
-        """The Winograd kernels of ``values``, cached until ``values`` changes (in place, as an
-        optimizer step or ``load_state_dict`` does, or replaced)."""
-        key = (values.data_ptr(), values._version, tuple(values.shape))
-        cached = self.__dict__.get("_wino_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, wino_values(values, self.n))
-            self.__dict__["_wino_cache"] = cached
-        return cached[1]
-
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         values, bias, indices = _fast_attrs(self)
         mod = _eager_ext(x, values, bias, residual)
         if mod is not None and x.dim() == 4 and indices.dtype is torch.int32:
-            if (
-                self.kernel_size == (3, 3)
-                and self.stride == (1, 1)
-                and self.dilation == (1, 1)
-                and x.is_contiguous()
-                and wino_wanted(x.shape[0], x.shape[2] + 2 * self.padding[0] - 2,
-                                x.shape[3] + 2 * self.padding[1] - 2, values.shape[1])
-            ):  # fmt: skip
+            if _wino_fits(x, values, self.stride, self.padding, self.dilation, self.kernel_size):
                 return mod.conv2d_1xn_wino(
-                    x, self._wino(values), indices, bias, *self.padding, self.n, residual,
-                    self.relu,
+                    x, wino_cached(values, self.n), indices, bias, *self.padding, self.n,
+                    residual, self.relu,
                 )  # fmt: skip
             return mod.conv2d_1xn(
                 x, values, indices, bias, *self.stride, *self.padding, *self.dilation, self.n,
