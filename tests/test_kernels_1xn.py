@@ -194,8 +194,8 @@ def _ran_wino(sp: onexn.Conv2d1xN) -> bool:
 def test_wino_default_choice_and_cache():
     """By default Winograd runs the 3x3 stride-1 convs with at most 16x16 outputs in at least 32
     tiles and at least 96 kept channels (not 56x56, not one 7x7 image: 16 tiles, not
-    channels_last input, not 48 kept); its transformed kernels follow in-place changes of
-    ``values``."""
+    channels_last input, not 48 kept unless GP_1XN_WINO_KEPT allows it); its transformed kernels
+    follow in-place changes of ``values``."""
     if not CPP:
         pytest.skip("the 1xN C++ kernel is not available")
     _, _, few = _sparse_conv(192, 32, 16, 0.75, 0, bias=False, kernel_size=3, padding=1)
@@ -210,6 +210,9 @@ def test_wino_default_choice_and_cache():
         assert sp.kept == 96 and not _ran_wino(sp)
         y = sp(x)
         assert _ran_wino(sp)
+        with mock.patch.dict(os.environ, {"GP_1XN_WINO_KEPT": "48"}):
+            few(x)
+        assert _ran_wino(few)
         sp.values.mul_(2)
         y2 = sp(x)
         ref2 = F.conv2d(x.double(), sp.to_dense().double(), None, 1, 1)

@@ -535,14 +535,16 @@ def _wino_fits(x: Tensor, values: Tensor, stride, padding, dilation, kernel_size
 def wino_wanted(batch: int, ho: int, wo: int, kept: int) -> bool:
     """Whether a 3x3 / stride-1 / dilation-1 NCHW conv with ``batch x ho x wo`` outputs and
     ``kept`` input channels per group runs by Winograd (``GP_1XN_WINO``: 0 never, 2 always, 1
-    (default) for outputs of at most 16x16 pixels in at least 32 tiles of 2x2, with at least 96
-    kept channels (its transforms cost per input channel and tile, its savings per kept one).
+    (default) for outputs of at most 16x16 pixels in at least 32 tiles of 2x2, with at least
+    ``GP_1XN_WINO_KEPT`` (96) kept channels: its transforms cost per input channel and tile, its
+    savings per kept one.
     Measured against the direct kernel: faster on the 14x14 stage (b1, b8) and the 7x7 stage at
     batch 8 with 128 or more kept channels, slower with 64 kept at batch 8, on a single 7x7
     image (16 tiles) and on 28x28 / 56x56; see benchmarks/RESULTS_kernels.md)."""
     mode = os.environ.get("GP_1XN_WINO", "1")
     tiles = batch * ((ho + 1) // 2) * ((wo + 1) // 2)
-    return mode == "2" or (mode != "0" and ho * wo <= 256 and tiles >= 32 and kept >= 96)
+    min_kept = int(os.environ.get("GP_1XN_WINO_KEPT", "96"))
+    return mode == "2" or (mode != "0" and ho * wo <= 256 and tiles >= 32 and kept >= min_kept)
 
 
 def _fast_attrs(m: nn.Module) -> tuple[Tensor, Tensor | None, Tensor]:
