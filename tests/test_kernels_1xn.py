@@ -24,12 +24,10 @@ CPP = onexn.available()
 PATHS = ["cpp", "cpp-avx2", "reference"]
 # + the C++ kernel with the masked in-place mode forced on every stride-1 padded NCHW conv
 # (GP_1XN_MASKED=2; by default it runs on single images and where its 3x3 fast path covers
-# most of the image) and forced off (GP_1XN_MASKED=0: the zero-padded copy); the 3x3 stride-1
-# convs of these paths, and of "cpp-direct", skip the Winograd kernel (GP_1XN_WINO=0: by default
-# it runs the 3x3 stride-1 NCHW convs with at most 16x16 outputs in at least 32 2x2 tiles and
-# at least 96 kept channels),
-# "cpp-wino" runs it on every
-# 3x3 stride-1 NCHW conv (GP_1XN_WINO=2)
+# most of the image) and forced off (GP_1XN_MASKED=0: the zero-padded copy). The 3x3 stride-1
+# convs of these paths, and of "cpp-direct", skip the Winograd kernel (GP_1XN_WINO=0; by default
+# it runs the 3x3 stride-1 NCHW convs with at most 16x16 outputs in at least 32 2x2 tiles and at
+# least 96 kept channels); "cpp-wino" runs it on every 3x3 stride-1 NCHW conv (GP_1XN_WINO=2).
 CONV_PATHS = [*PATHS, "cpp-masked", "cpp-avx2-masked", "cpp-planes", "cpp-direct", "cpp-wino"]
 # + the C++ kernel with the channel-blocked ov mode forced on every linear (GP_1XN_OVB=2; by
 # default it runs only where a tile's rows of all input channels would not stay in L1)

@@ -15,16 +15,15 @@ back. ``GRAPHPRUNE_NO_CPP=1`` or ``use_reference()`` force the reference path.
 Conv input is NCHW float32 (any stride/padding/dilation, batch >= 1); a channels_last input is
 read without a layout copy where possible and gives a channels_last output.
 
-``Conv2d1xN`` runs its 3x3 stride-1 dilation-1 convs on NCHW input with at most 16x16 outputs
-in at least 32 output tiles of 2x2 and with at least 96 kept input channels per group (the
-14x14 stage of a ResNet, the 7x7 one from batch 2, at 50%; the 7x7 one at 75%) by Winograd
-F(2x2, 3x3) instead (``wino_values``,
-``wino_wanted``; ``GP_1XN_WINO``: 0 never, 2 on every such conv): the 16 taps of the
-transformed tiles are 16 block-sparse 1x1 convs with the layer's block pattern (a pruned block
-stays zero under the kernel transform), 2.25x fewer multiplies than direct; the transformed
-kernels are cached (``wino_cached``, per ``values`` tensor) and follow in-place changes of
-``values``. The custom op makes the same choice, so torch.compile / torch.export graphs and
-training forwards run it too (the backward is the direct conv's).
+3x3 stride-1 dilation-1 convs on NCHW input with at most 16x16 outputs, at least 32 output
+tiles of 2x2 and at least 96 kept input channels per group (ResNet-50: the 14x14 stage at 50%,
+the 7x7 stage from batch 2 at 50% and 75%) run by Winograd F(2x2, 3x3) instead (``wino_wanted``;
+``GP_1XN_WINO``: 0 never, 2 on every such conv): the 16 taps of the transformed tiles are 16
+block-sparse 1x1 convs with the layer's block pattern (a pruned block stays zero under the kernel
+transform), 2.25x fewer multiplies than direct. The transformed kernels (``wino_values``) are
+cached per ``values`` tensor (``wino_cached``) and follow its in-place changes. ``Conv2d1xN`` and
+the custom op make the same choice, so eager calls, torch.compile / torch.export graphs and
+training forwards all run it (the backward is the direct conv's).
 """
 
 from __future__ import annotations
@@ -534,13 +533,13 @@ def _wino_fits(x: Tensor, values: Tensor, stride, padding, dilation, kernel_size
 
 def wino_wanted(batch: int, ho: int, wo: int, kept: int) -> bool:
     """Whether a 3x3 / stride-1 / dilation-1 NCHW conv with ``batch x ho x wo`` outputs and
-    ``kept`` input channels per group runs by Winograd (``GP_1XN_WINO``: 0 never, 2 always, 1
-    (default) for outputs of at most 16x16 pixels in at least 32 tiles of 2x2, with at least
-    ``GP_1XN_WINO_KEPT`` (96) kept channels: its transforms cost per input channel and tile, its
-    savings per kept one.
-    Measured against the direct kernel: faster on the 14x14 stage (b1, b8) and the 7x7 stage at
-    batch 8 with 128 or more kept channels, slower with 64 kept at batch 8, on a single 7x7
-    image (16 tiles) and on 28x28 / 56x56; see benchmarks/RESULTS_kernels.md)."""
+    ``kept`` input channels per group runs by Winograd. ``GP_1XN_WINO``: 0 never, 2 always, 1
+    (default) for outputs of at most 16x16 pixels in at least 32 tiles of 2x2 with at least
+    ``GP_1XN_WINO_KEPT`` (96) kept channels: the transforms cost per input channel and tile, the
+    savings come per kept channel. Measured against the direct kernel (RESULTS_kernels.md,
+    session 11): faster on the 14x14 stage (batch 1 and 8) and the 7x7 stage at batch 8 with 128
+    or more kept channels; slower with 64 kept at batch 8, on a single 7x7 image (16 tiles) and
+    on 28x28 / 56x56."""
     mode = os.environ.get("GP_1XN_WINO", "1")
     tiles = batch * ((ho + 1) // 2) * ((wo + 1) // 2)
     min_kept = int(os.environ.get("GP_1XN_WINO_KEPT", "96"))
