@@ -81,8 +81,12 @@ def sparse_ops(gm: fx.GraphModule, plan: list[LayerSparsity]) -> tuple[fx.GraphM
         mod = out.get_submodule(tgt)
         if d.pattern == "1xN":
             cls = Conv2d1xN if isinstance(mod, nn.Conv2d) else Linear1xN
-            _set_module(out, tgt, cls.from_dense(mod, d.mask, d.n))
+            new = cls.from_dense(mod, d.mask, d.n)
+            _set_module(out, tgt, new)
             how[d.node] = f"{cls.__name__} (graphprune::{'conv2d' if cls is Conv2d1xN else 'linear'}_1xn)"
+            val = nodes[d.node].args[0].meta.get("val") if nodes[d.node].args else None
+            if cls is Conv2d1xN and val is not None and new.uses_winograd(val.shape):
+                how[d.node] += ", Winograd F(2x2,3x3) at the example's input shape"
         elif semi_structured_ok(mod):
             from torch.sparse import to_sparse_semi_structured
 

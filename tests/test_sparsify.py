@@ -226,3 +226,26 @@ def test_weights_that_already_hold_1xn_patterns_are_not_permuted():
                           nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 1)).eval()
     rep2 = gp.sparsify(plain, x, "1x16", 0.75, check_speed=False, skip=("0", "4")).graphprune_report
     assert not rep2["permutation"].startswith("skipped")
+
+
+def test_report_says_which_layers_run_winograd(monkeypatch):
+    """A 3x3 stride-1 conv on a small image with enough kept channels is reported as running
+    Winograd at the example's shape (with the C++ kernel); the strided one and, with
+    GP_1XN_WINO=0, every layer are not; the sparsified model still verifies."""
+    from graphprune.kernels import onexn
+
+    if not onexn.available():
+        pytest.skip("the 1xN C++ kernel is not available")
+    net = nn.Sequential(
+        nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(), nn.Conv2d(192, 64, 3, stride=2, padding=1)
+    ).eval()
+    x = torch.randn(2, 192, 8, 8)
+
+    def held():
+        s = gp.sparsify(net, (x,), pattern="1x16", sparsity=0.5, check_speed=False)
+        assert "verified" in s.graphprune_report["verify"]
+        return ["Winograd" in r.get("held_as", "") for r in s.graphprune_report["layers"]]
+
+    assert held() == [True, False]
+    monkeypatch.setenv("GP_1XN_WINO", "0")
+    assert held() == [False, False]

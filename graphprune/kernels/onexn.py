@@ -520,15 +520,22 @@ def wino_cached(values: Tensor, n: int) -> Tensor:
     return u
 
 
-def _wino_fits(x: Tensor, values: Tensor, stride, padding, dilation, kernel_size) -> bool:
-    """Whether this conv runs by Winograd: 3x3, stride 1, dilation 1, NCHW-contiguous input, and
-    ``wino_wanted``."""
+def _wino_shape(shape, kept: int, stride, padding, dilation, kernel_size) -> bool:
+    """Whether a conv of this geometry runs by Winograd on NCHW input of ``shape``: 3x3, stride 1,
+    dilation 1, and ``wino_wanted``."""
     if tuple(kernel_size) != (3, 3) or tuple(stride) != (1, 1) or tuple(dilation) != (1, 1):
         return False
-    if x.dim() != 4 or not x.is_contiguous():
+    if len(shape) != 4:
         return False
-    ho, wo = x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
-    return wino_wanted(x.shape[0], ho, wo, values.shape[1])
+    ho, wo = shape[2] + 2 * padding[0] - 2, shape[3] + 2 * padding[1] - 2
+    return wino_wanted(shape[0], ho, wo, kept)
+
+
+def _wino_fits(x: Tensor, values: Tensor, stride, padding, dilation, kernel_size) -> bool:
+    """Whether this call runs by Winograd: ``_wino_shape`` and NCHW-contiguous input."""
+    return x.is_contiguous() and _wino_shape(
+        x.shape, values.shape[1], stride, padding, dilation, kernel_size
+    )
 
 
 def wino_wanted(batch: int, ho: int, wo: int, kept: int) -> bool:
@@ -660,6 +667,14 @@ class Conv2d1xN(nn.Module):
         return unpack_1xn(
             self.values.detach(), self.indices, self.n, self.in_channels, self.kernel_size
         )
+
+    def uses_winograd(self, input_shape: Sequence[int]) -> bool:
+        """Whether an NCHW-contiguous float32 input of ``input_shape`` runs by Winograd
+        F(2x2, 3x3) (``wino_wanted``, with the C++ kernel available)."""
+        return available() and _wino_shape(
+            tuple(input_shape), self.kept, self.stride, self.padding, self.dilation,
+            self.kernel_size,
+        )  # fmt: skip
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         values, bias, indices = _fast_attrs(self)
