@@ -13,9 +13,7 @@ shuffled rounds in one process, median of the repeats.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +26,6 @@ from graphprune.kernels.masks import mask_1xn
 SHAPES = [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768)]
 
 
-def _with_env(fn, env: dict[str, str]):
-    def run():
-        with mock.patch.dict(os.environ, env):
-            return fn()
-
-    return run
-
-
 def bench(name: str, cin: int, cout: int, rows: int, threads: int, sparsity: float,
           repeats: int) -> str:  # fmt: skip
     """One table row: dense vs 1x16 (default mode) vs 1x16 with GP_1XN_OVB=0."""
@@ -46,7 +36,7 @@ def bench(name: str, cin: int, cout: int, rows: int, threads: int, sparsity: flo
     sp = onexn.Linear1xN.from_dense(lin, mask_1xn(w, 16, sparsity), 16)
     x = torch.randn(rows, cin)
     with torch.no_grad():
-        fns = [lambda: F.linear(x, w, b), lambda: sp(x), _with_env(lambda: sp(x), {"GP_1XN_OVB": "0"})]
+        fns = [lambda: F.linear(x, w, b), lambda: sp(x), onexn.with_env(lambda: sp(x), "GP_1XN_OVB", "0")]
         ref = F.linear(x.double(), sp.to_dense().double(), b.double())
         for f in fns[1:]:
             err = float((f().double() - ref).abs().max() / ref.abs().max())

@@ -698,3 +698,15 @@ def test_time_rounds_order_and_counts():
     calls.clear()
     onexn.time_rounds(fns, warmup=0, repeats=6, shuffle=True, warm=True)
     assert [tuple(calls[k:k + 8:2]) for k in range(0, 48, 8)] == rounds  # seeded
+
+
+def test_with_env_sets_and_restores(monkeypatch):
+    """onexn.with_env: the variable holds the value during the call, its old state after."""
+    seen = []
+    monkeypatch.delenv("GP_TEST_KNOB", raising=False)
+    onexn.with_env(lambda: seen.append(os.environ.get("GP_TEST_KNOB")), "GP_TEST_KNOB", "2")()
+    assert seen == ["2"] and "GP_TEST_KNOB" not in os.environ
+    monkeypatch.setenv("GP_TEST_KNOB", "1")
+    with pytest.raises(ZeroDivisionError):
+        onexn.with_env(lambda: 1 / 0, "GP_TEST_KNOB", "0")()
+    assert os.environ["GP_TEST_KNOB"] == "1"
