@@ -810,19 +810,25 @@ static bool check_weights(const at::Tensor& values, const at::Tensor& indices,
   return sorted;
 }
 
-// The epilogue's residual, laid out like y (a copy only when its layout differs); null if none.
-static at::Tensor fill_epilogue(Job& job, const at::Tensor& y, bool y_cl,
-                                const c10::optional<at::Tensor>& residual, bool relu) {
-  job.relu = relu;
-  job.res = nullptr;
+// The residual (checked), laid out like y (a copy only when its layout differs); undefined if
+// none.
+static at::Tensor residual_like(const at::Tensor& y, bool y_cl,
+                                const c10::optional<at::Tensor>& residual) {
   if (!residual.has_value()) return at::Tensor();
   TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
                   residual->sizes() == y.sizes(),
               "graphprune 1xN: residual must be a float32 CPU tensor of the output's shape ",
               y.sizes(), ", got ", residual->sizes());
-  at::Tensor r = residual->contiguous(y_cl && y.dim() == 4 ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous);
-  job.res = r.data_ptr<float>();
+  return residual->contiguous(y_cl && y.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                   : at::MemoryFormat::Contiguous);
+}
+
+// The job's epilogue: relu and the residual laid out like y (returned: it owns the memory).
+static at::Tensor fill_epilogue(Job& job, const at::Tensor& y, bool y_cl,
+                                const c10::optional<at::Tensor>& residual, bool relu) {
+  job.relu = relu;
+  const at::Tensor r = residual_like(y, y_cl, residual);
+  job.res = r.defined() ? r.data_ptr<float>() : nullptr;
   return r;
 }
 
@@ -1125,7 +1131,6 @@ static void wino_output_generic(const float* m, int64_t xi_stride, int64_t TH, i
   }
 }
 
-
 static void wino_output(const float* m, int64_t xi_stride, int64_t TH, int64_t TW, int64_t Ho,
                         int64_t Wo, float bias, const float* res, bool relu, float* y,
                         float* buf) {
@@ -1159,14 +1164,7 @@ at::Tensor conv2d_1xn_wino(const at::Tensor& x_in, const at::Tensor& wvalues,
   const int64_t G = wvalues.size(1), kept = wvalues.size(2), K = G * n;
   at::Tensor y = at::empty({B, K, Ho, Wo}, x.options());
   if (B == 0) return y;
-  at::Tensor res;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device().is_cpu() &&
-                    residual->sizes() == y.sizes(),
-                "graphprune 1xN: residual must be a float32 CPU tensor of the output's shape ",
-                y.sizes(), ", got ", residual->sizes());
-    res = residual->contiguous();
-  }
+  const at::Tensor res = residual_like(y, false, residual);
   const int64_t TH = (Ho + 1) / 2, TW = (Wo + 1) / 2, TI = TH * TW, T = B * TI;
   // (tap planes padded off multiples of 4 KB: 16 streams 4 KB apart would share their L1 sets)
   const int64_t vs = C * T + (C * T % 1024 == 0 ? 32 : 0);
@@ -1196,9 +1194,7 @@ at::Tensor conv2d_1xn_wino(const at::Tensor& x_in, const at::Tensor& wvalues,
   job.B = 16; job.Ho = 1; job.Wo = T;
   job.y = M.data_ptr<float>();
   job.y_bs = ms;
-  job.y_cl = false;
-  job.relu = false;
-  job.res = nullptr;
+  job.y_cl = false;  // (no epilogue: it runs in the output transform)
   job.kind = Kind::PV;
   job.x = vp;
   job.ld = 1;

@@ -320,20 +320,24 @@ def conv2d_1xn(
         return conv2d_1xn_reference(
             x, values, indices, bias, stride, padding, dilation, n, kernel_size, residual, relu
         )
-    values = values.contiguous()
-    indices = indices.to(torch.int32).contiguous()
-    bias = None if bias is None else bias.contiguous()
+    return _conv_ext(
+        mod, x, values.contiguous(), indices.to(torch.int32).contiguous(),
+        None if bias is None else bias.contiguous(), stride, padding, dilation, n, kernel_size,
+        residual, relu,
+    )  # fmt: skip
+
+
+def _conv_ext(mod, x, values, indices, bias, stride, padding, dilation, n, kernel_size, residual,
+              relu) -> Tensor:  # fmt: skip
+    """The extension's conv (weights already contiguous, indices int32): Winograd where
+    ``_wino_fits``, else the direct kernel."""
     if _wino_fits(x, values, stride, padding, dilation, kernel_size):
         return mod.conv2d_1xn_wino(
             x, wino_cached(values, n), indices, bias, padding[0], padding[1], n, residual, relu
         )
     return mod.conv2d_1xn(
-        x,
-        values,
-        indices,
-        bias,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        n, kernel_size[0], kernel_size[1], residual, relu,
+        x, values, indices, bias, stride[0], stride[1], padding[0], padding[1], dilation[0],
+        dilation[1], n, kernel_size[0], kernel_size[1], residual, relu,
     )  # fmt: skip
 
 
@@ -681,14 +685,9 @@ class Conv2d1xN(nn.Module):
         values, bias, indices = _fast_attrs(self)
         mod = _eager_ext(x, values, bias, residual)
         if mod is not None and x.dim() == 4 and indices.dtype is torch.int32:
-            if _wino_fits(x, values, self.stride, self.padding, self.dilation, self.kernel_size):
-                return mod.conv2d_1xn_wino(
-                    x, wino_cached(values, self.n), indices, bias, *self.padding, self.n,
-                    residual, self.relu,
-                )  # fmt: skip
-            return mod.conv2d_1xn(
-                x, values, indices, bias, *self.stride, *self.padding, *self.dilation, self.n,
-                *self.kernel_size, residual, self.relu,
+            return _conv_ext(
+                mod, x, values, indices, bias, self.stride, self.padding, self.dilation, self.n,
+                self.kernel_size, residual, self.relu,
             )  # fmt: skip
         return torch.ops.graphprune.conv2d_1xn(
             x, values, indices, bias, list(self.stride), list(self.padding),
