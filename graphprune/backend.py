@@ -604,7 +604,8 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
     """Put the found 1xN / 2:4 layers into sparse ops; returns the new graph or None."""
     from .kernels.masks import block_cover_1xn
     from .kernels.onexn import faster_than_dense
-    from .passes.sparse_ops import LayerSparsity, semi_structured_weight_ok, sparse_ops
+    from .kernels.semi24 import weight_why_not, why_not_semi_structured
+    from .passes.sparse_ops import LayerSparsity, sparse_ops
 
     rep["sparse"] = [dict(vars(s)) for s in layers]
     todo = {}
@@ -612,8 +613,8 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
         entry = next(e for e in rep["sparse"] if e["node"] == s.node)
         if s.pattern == "2:4":
             w = get_tensor(gm, next(n for n in gm.graph.nodes if n.name == s.node).args[1].target)
-            if not semi_structured_weight_ok(w):
-                entry["applied"] = "no: 2:4 kernels need CUDA with fp16/bf16 (left dense)"
+            if why := weight_why_not(w):
+                entry["applied"] = f"no: {why} (left dense)"
                 continue
         todo[s.node] = s
     if not todo:
@@ -626,6 +627,9 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
         node = nodes[name]
         mod = gm.get_submodule(node.target)
         entry = next(e for e in rep["sparse"] if e["node"] == name)
+        if s.pattern == "2:4" and (why := why_not_semi_structured(mod)):
+            entry["applied"] = f"no: {why} (left dense)"
+            continue
         if s.pattern == "1xN" and check_speed:
             x = node.args[0].meta.get("val")
             kw = ({"stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation}

@@ -11,6 +11,7 @@ skipped, why, the kept fraction and what was fused.
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 
@@ -144,15 +145,19 @@ def sparsify(
     fused, pools = {}, []
     if fuse:
         unfused = out
-        out, fused = fuse_epilogue(unfused)
-        if kind == "1xN":  # the CPU path (measured there); 2:4 targets GPUs
-            out, pools = pool_layout(out)
+        out, fused, pools = _fuse(unfused, kind)
         if verify and (fused or pools):
-            # its own oracle: the model before fusion. Folded BatchNorm weights are float32
-            # products, ~1e-7 off each; through a deep net that is ~1e-6 (a wrong fold: ~1)
+            # its own oracle: the model before fusion. Folded BatchNorm weights are products
+            # rounded to the model's dtype (fp32: ~1e-7 each, ~1e-6 through a deep net; a wrong
+            # fold: ~1); the fp64 check folds a float64 copy, so there it must be exact
+            def build64():
+                u64 = copy.deepcopy(unfused).double()
+                return _fuse(copy.deepcopy(u64), kind)[0], u64
+
             checks.append(("fused vs unfused",
                            verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,
-                                          rtol64=1e-4, what="BN-folded / epilogue-fused model")))
+                                          rtol64=1e-9, what="BN-folded / epilogue-fused model",
+                                          build64=build64)))
     for r in report:
         if r["node"] in how:
             r["held_as"] = how[r["node"]]
@@ -193,6 +198,16 @@ def _held_patterns(model: nn.Module, n: int) -> list[str]:
         if groups_differ_1xn(w.detach() != 0, n):
             out.append(name)
     return out
+
+
+def _fuse(gm, kind: str):
+    """BN folding and fused epilogues, then (1xN, the CPU path: measured there; 2:4 targets
+    GPUs) channels_last pools: (new module, {node: what was fused}, pool nodes)."""
+    out, fused = fuse_epilogue(gm)
+    pools = []
+    if kind == "1xN":
+        out, pools = pool_layout(out)
+    return out, fused, pools
 
 
 def _permuted(model, example_inputs, kind: str, leaf_modules):

@@ -4,8 +4,9 @@ Requires: a GraphModule whose conv/linear layers named in the plan are `call_mod
 per layer a pattern ("1xN" with a uniform block mask, or "2:4" with a 2:4 mask). Ensures: a new
 GraphModule (the input is untouched) in which 1xN layers are `Conv2d1xN` / `Linear1xN` modules
 (custom ops `graphprune::conv2d_1xn` / `linear_1xn`) and 2:4 layers either hold
-`to_sparse_semi_structured` weights (CUDA, fp16/bf16, shapes the kernels accept) or keep the
-pattern as a masked dense weight. `mask_dense` builds the oracle: the same weights with the
+`to_sparse_semi_structured` weights (CUDA, fp16/bf16, shapes the kernels accept; a 1x1 conv
+becomes `PointwiseLinear`, see graphprune/kernels/semi24.py) or keep the pattern as a masked
+dense weight, the report saying why. `mask_dense` builds the oracle: the same weights with the
 pattern's zeros, all layers dense.
 """
 
@@ -18,8 +19,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from graphprune.kernels.semi24 import (
+    PointwiseLinear,
+    semi_structured_weight_ok,
+    to_semi_structured,
+    why_not_semi_structured,
+)
+
 __all__ = ["LayerSparsity", "sparse_ops", "mask_dense", "semi_structured_ok",
-           "semi_structured_weight_ok"]
+           "semi_structured_weight_ok", "why_not_semi_structured"]
 
 
 @dataclass(frozen=True)
@@ -39,17 +47,8 @@ def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
 
 
 def semi_structured_ok(mod: nn.Module) -> bool:
-    """2:4 kernels apply to this layer's weight (see `semi_structured_weight_ok`)."""
-    return semi_structured_weight_ok(getattr(mod, "weight", None))
-
-
-def semi_structured_weight_ok(w: torch.Tensor | None) -> bool:
-    """2:4 kernels apply: CUDA, fp16/bf16, a 2-D weight (linear or 1x1 conv) of friendly dims."""
-    if w is None or not w.is_cuda or w.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    k, c = w.shape[0], w.shape[1]
-    one_by_one = w.ndim == 2 or all(s == 1 for s in w.shape[2:])
-    return one_by_one and k % 64 == 0 and c % 64 == 0
+    """2:4 kernels apply to this layer (see `why_not_semi_structured`)."""
+    return not why_not_semi_structured(mod)
 
 
 def _masked(mod: nn.Module, mask: torch.Tensor) -> nn.Module:
@@ -84,21 +83,21 @@ def sparse_ops(gm: fx.GraphModule, plan: list[LayerSparsity]) -> tuple[fx.GraphM
             new = cls.from_dense(mod, d.mask, d.n)
             _set_module(out, tgt, new)
             how[d.node] = f"{cls.__name__} (graphprune::{'conv2d' if cls is Conv2d1xN else 'linear'}_1xn)"
+            w = mod.weight
+            if w.dtype != torch.float32 or not w.is_cpu:
+                how[d.node] += (f"; PyTorch reference path: the C++ kernel takes float32 on CPU "
+                                f"(this layer: {str(w.dtype).removeprefix('torch.')} on "
+                                f"{w.device.type})")
             val = nodes[d.node].args[0].meta.get("val") if nodes[d.node].args else None
             if cls is Conv2d1xN and val is not None and new.uses_winograd(val.shape):
                 how[d.node] += ", Winograd F(2x2,3x3) at the example's input shape"
-        elif semi_structured_ok(mod):
-            from torch.sparse import to_sparse_semi_structured
-
-            new = _masked(mod, d.mask)
-            w = new.weight.detach()
-            if w.ndim == 4:
-                w = w.flatten(1)
-            new.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        elif not (why := why_not_semi_structured(mod)):
+            new = to_semi_structured(mod, d.mask)
             _set_module(out, tgt, new)
-            how[d.node] = "to_sparse_semi_structured (Sparse Tensor Cores)"
+            how[d.node] = "to_sparse_semi_structured (Sparse Tensor Cores)" + (
+                ", 1x1 conv as a linear over channels" if isinstance(new, PointwiseLinear) else "")
         else:
             _set_module(out, tgt, _masked(mod, d.mask))
-            how[d.node] = "masked dense weight (2:4 kernels need CUDA with fp16/bf16)"
+            how[d.node] = f"masked dense weight (2:4 kernels not used: {why})"
     out.recompile()
     return out, how
