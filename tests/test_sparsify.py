@@ -170,9 +170,10 @@ def test_24_report_names_every_reason():
     s = gp.sparsify(Net24().eval(), (torch.randn(2, 64, 8, 8),), pattern="2:4")
     rep = {r["layer"]: r["held_as"] for r in s.graphprune_report["layers"]}
     assert all(h.startswith("masked dense weight") for h in rep.values())
-    assert all("needs CUDA" in h and "needs fp16/bf16 (the weight is float32)" in h
+    assert all("needs CUDA" in h and "needs fp16/bf16 (weight is float32)" in h
                for h in rep.values())
     assert "3x3 conv" in rep["conv3"] and "3x3" not in rep["pw"]
+    assert "padding" not in rep["conv3"]  # (a 3x3 conv's reason is its size, not its padding)
     odd = nn.Conv2d(48, 64, 1, groups=2, padding=1).to(torch.bfloat16)
     why = why_not_semi_structured(odd)
     for part in ("groups=2", "padding=(1, 1)", "needs CUDA", "weight 64x24"):

@@ -34,18 +34,19 @@ def weight_why_not(w: torch.Tensor) -> str:
     64), else every reason they do not. (The module's own conditions: `why_not_semi_structured`.)
     """
     why = []
-    if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1):
+    kxk = w.ndim == 4 and tuple(w.shape[2:]) != (1, 1)
+    if kxk:
         kh, kw = w.shape[2:]
-        why.append(f"{kh}x{kw} conv: the 2:4 kernels take linear layers and 1x1 convs "
-                   "(no im2col path: not measured to pay on a GPU)")
+        why.append(f"{kh}x{kw} conv (the kernels take linear / 1x1 conv; no im2col path: "
+                   "not shown to pay)")
     elif w.ndim not in (2, 4):
-        why.append(f"a {w.ndim}-D weight: the 2:4 kernels take linear layers and 1x1 convs")
+        why.append(f"a {w.ndim}-D weight (the kernels take linear / 1x1 conv)")
     if not w.is_cuda:
-        why.append(f"needs CUDA (the weight is on {w.device.type})")
+        why.append(f"needs CUDA (weight on {w.device.type})")
     if w.dtype not in (torch.float16, torch.bfloat16):
-        why.append(f"needs fp16/bf16 (the weight is {str(w.dtype).removeprefix('torch.')})")
-    if w.ndim >= 2 and (w.shape[0] % _DIM or w.shape[1] % _DIM):
-        why.append(f"weight {w.shape[0]}x{w.shape[1]}: both dims must be multiples of {_DIM}")
+        why.append(f"needs fp16/bf16 (weight is {str(w.dtype).removeprefix('torch.')})")
+    if not kxk and w.ndim >= 2 and (w.shape[0] % _DIM or w.shape[1] % _DIM):
+        why.append(f"weight {w.shape[0]}x{w.shape[1]}: dims must be multiples of {_DIM}")
     return "; ".join(why)
 
 
@@ -63,8 +64,9 @@ def why_not_semi_structured(mod: nn.Module) -> str:
     if isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
             why.append(f"grouped conv (groups={mod.groups})")
-        if mod.padding_mode != "zeros" or mod.padding not in ((0, 0), "valid"):
-            why.append(f"padding={mod.padding!r}: a padded conv is not a product")
+        pointwise = tuple(mod.kernel_size) == (1, 1)
+        if pointwise and (mod.padding_mode != "zeros" or mod.padding not in ((0, 0), "valid")):
+            why.append(f"padding={mod.padding!r} (a padded 1x1 conv is not a product)")
     return "; ".join(filter(None, [*why, weight_why_not(w)]))
 
 
