@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import graphprune as gp
 from graphprune.kernels.masks import mask_24
+from graphprune.verify import max_rel_error
 from graphprune.zoo import resnet50, vit
 
 VIT_LINEARS = [(768, 2304, "qkv"), (768, 768, "proj"), (768, 3072, "fc1"), (3072, 768, "fc2")]
@@ -50,7 +51,7 @@ def _x(a: float, b: float) -> str:
 def _same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     """Before timing: the sparse form computes what the masked dense one does."""
     tol = 1e-5 if a.dtype == torch.float32 else 2e-2
-    err = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+    err = max_rel_error(a, b)
     if err > tol:
         raise AssertionError(f"{what}: sparse and masked dense differ by {err:.2e} > {tol:g}")
 

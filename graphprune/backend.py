@@ -370,7 +370,7 @@ def _pattern_pinned(a, dead: np.ndarray, layers) -> np.ndarray:
     of 4 run along them). A "1xN" layer whose groups all keep the same input channels is just
     input-channel pruning, the slim's business: not pinned."""
     from .kernels.masks import groups_differ_1xn
-    from .passes.sparse_ops import semi_structured_weight_ok
+    from .kernels.semi24 import semi_structured_weight_ok
 
     pinned = np.zeros(len(dead), bool)
     by_name = {s.node: s for s in layers}

@@ -150,9 +150,9 @@ def sparsify(
             # its own oracle: the model before fusion. Folded BatchNorm weights are products
             # rounded to the model's dtype (fp32: ~1e-7 each, ~1e-6 through a deep net; a wrong
             # fold: ~1); the fp64 check folds a float64 copy, so there it must be exact
-            def build64():
+            def build64():  # (the passes fuse a copy: u64 stays the unfused oracle)
                 u64 = copy.deepcopy(unfused).double()
-                return _fuse(copy.deepcopy(u64), kind)[0], u64
+                return _fuse(u64, kind)[0], u64
 
             checks.append(("fused vs unfused",
                            verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,

@@ -19,15 +19,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphprune.kernels.semi24 import (
-    PointwiseLinear,
-    semi_structured_weight_ok,
-    to_semi_structured,
-    why_not_semi_structured,
-)
+from graphprune.kernels.semi24 import PointwiseLinear, to_semi_structured, why_not_semi_structured
 
-__all__ = ["LayerSparsity", "sparse_ops", "mask_dense", "semi_structured_ok",
-           "semi_structured_weight_ok", "why_not_semi_structured"]
+__all__ = ["LayerSparsity", "sparse_ops", "mask_dense"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +38,6 @@ def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
     prefix, _, name = target.rpartition(".")
     parent = gm.get_submodule(prefix) if prefix else gm
     setattr(parent, name, mod)
-
-
-def semi_structured_ok(mod: nn.Module) -> bool:
-    """2:4 kernels apply to this layer (see `why_not_semi_structured`)."""
-    return not why_not_semi_structured(mod)
 
 
 def _masked(mod: nn.Module, mask: torch.Tensor) -> nn.Module:
