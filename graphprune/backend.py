@@ -431,14 +431,14 @@ def _slim(a, plan) -> fx.GraphModule:
 
 
 def _verify(new: fx.GraphModule, ref: fx.GraphModule, inputs, what: str,
-            rtol64: float = 1e-9) -> str:
+            rtol64: float = 1e-9, build64=None) -> str:
     """Check `new` against `ref` on random inputs (fx prints failing generated code to stderr:
     a failure here is an expected outcome, so that print is swallowed)."""
     from .verify import verify_against
 
     with contextlib.redirect_stderr(io.StringIO()):
         return str(verify_against(new, ref, tuple(inputs), {}, trials=2, what=what,
-                                  rtol64=rtol64))
+                                  rtol64=rtol64, build64=build64))
 
 
 def _lossless_slim(a, lifted: Lifted, rep: dict, sparse_layers=()) -> fx.GraphModule | None:
@@ -601,7 +601,9 @@ def modulize(gm: fx.GraphModule, names: set[str] | None = None) -> fx.GraphModul
 
 
 def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: dict):
-    """Put the found 1xN / 2:4 layers into sparse ops; returns the new graph or None."""
+    """Put the found 1xN / 2:4 layers into sparse ops (2:4: as masked dense modules, for
+    `_semi_structured` after BN folding); returns (the new graph or None, {its 2:4 node: the
+    report's node})."""
     from .kernels.masks import block_cover_1xn
     from .kernels.onexn import faster_than_dense
     from .kernels.semi24 import weight_why_not, why_not_semi_structured
@@ -618,7 +620,7 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
                 continue
         todo[s.node] = s
     if not todo:
-        return None
+        return None, {}
     gm = modulize(copy.deepcopy(gm), set(todo))
     _shape_inputs(gm, inputs)
     nodes = {n.meta.get("graphprune_functional_node", n.name): n for n in gm.graph.nodes}
@@ -647,14 +649,36 @@ def _sparse_rewrite(gm: fx.GraphModule, inputs, layers, check_speed: bool, rep: 
                                   block_cover_1xn(nz, s.n) if s.pattern == "1xN" else nz))
         renamed[node.name] = name
     if not plan:
-        return None
+        return None, {}
     try:
         new, how = sparse_ops(gm, plan)
     except ValueError as e:
         rep["sparse_error"] = str(e)
-        return None
+        return None, {}
     for new_name, held in how.items():
         entry = next(e for e in rep["sparse"] if e["node"] == renamed[new_name])
+        entry["applied"] = held
+    return new, {d.node: renamed[d.node] for d in plan if d.pattern == "2:4"}
+
+
+def _semi_structured(gm: fx.GraphModule, inputs, rep: dict, nodes: dict) -> fx.GraphModule:
+    """The 2:4 layers of `nodes` ({graph node: report node}) the kernels take, on them (the
+    `semi_structured` pass), verified against `gm`; `gm` itself when none is taken or the check
+    fails (reported)."""
+    from .errors import GraphpruneError
+    from .passes.semi_structured import semi_structured
+
+    if not nodes:
+        return gm
+    try:
+        new, how = semi_structured(gm, list(nodes))
+        if any("semi_structured" in h for h in how.values()):
+            rep["verify_semi_structured"] = _verify(new, gm, inputs, "2:4 (semi-structured) graph")
+    except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
+        rep["semi_structured_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return gm
+    for name, held in how.items():
+        entry = next(e for e in rep["sparse"] if e["node"] == nodes[name])
         entry["applied"] = held
     return new
 
@@ -761,18 +785,25 @@ def _fuse(sp: fx.GraphModule, inputs, rep: dict, pools: bool) -> fx.GraphModule:
     from .passes.fuse_epilogue import fuse_epilogue
     from .passes.pool_layout import pool_layout
 
+    def passes(g):
+        g, fused = fuse_epilogue(g)
+        g, done = pool_layout(g) if pools else (g, [])
+        return g, fused, done
+
+    def build64():  # folded BN weights are products rounded to the model's dtype: the fp64
+        sp64 = copy.deepcopy(sp).double()  # check folds a float64 copy, so it must be exact
+        return passes(sp64)[0], sp64
+
     try:
-        out, fused = fuse_epilogue(sp)
-        out, pools = pool_layout(out) if pools else (out, [])
-        if not fused and not pools:
+        out, fused, done = passes(sp)
+        if not fused and not done:
             return sp
-        # folded BN weights are float32 products: ~1e-7 each, ~1e-6 through a deep net
         rep["verify_fused"] = _verify(out, sp, inputs, "BN-folded / epilogue-fused graph",
-                                      rtol64=1e-4)
+                                      build64=build64)
     except (GraphpruneError, ValueError, RuntimeError) as e:
         rep["fuse_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         return sp
-    rep["fused"], rep["pools_channels_last"] = fused, pools
+    rep["fused"], rep["pools_channels_last"] = fused, done
     return out
 
 
@@ -798,12 +829,14 @@ def _lossless(gm, example_inputs, inner="inductor", sparse: bool = True, check_s
         if slim is not None:
             cur = slim
             layers = find_sparse_layers(cur) if sparse else []  # (weights sliced: found again)
-        sp = _sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep) if layers else None
+        sp, semi = (_sparse_rewrite(cur, lifted.inputs, layers, check_speed, rep) if layers
+                    else (None, {}))
         if sp is not None:
             rep["verify_sparse"] = _verify(sp, cur, lifted.inputs, "sparse graph")
             # (pool_layout only for eager: inductor picks its own pool layout, and tracing
             # max_pool2d_cl inside Dynamo's shape env fails a guard in 2.13)
             cur = _fuse(sp, lifted.inputs, rep, inner == "eager") if fuse else sp
+            cur = _semi_structured(cur, lifted.inputs, rep, semi)  # last: no fold into it
     except (GraphpruneError, ValueError, RuntimeError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return _pass_through(gm, example_inputs, inner, rep, f"analysis failed: {msg}")

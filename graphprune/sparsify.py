@@ -4,9 +4,10 @@ Decides per conv/linear layer whether the pattern fits (C_out % N, C_in % 4, dep
 convs stay dense, and for 1xN optionally whether the sparse kernel is measured faster than dense
 on this machine), builds the masks, hands the decisions to the `sparse_ops` pass, lets the
 `fuse_epilogue` pass fold eval-mode BatchNorm into the convs and fuse residual adds and ReLUs into
-the 1xN kernels' stores and the `pool_layout` pass run large NCHW max-pools in channels_last, and
-verifies the result against the masked dense model. The report says per layer what was applied or
-skipped, why, the kept fraction and what was fused.
+the 1xN kernels' stores and the `pool_layout` pass run large NCHW max-pools in channels_last, then
+(2:4) lets the `semi_structured` pass move the layers the Sparse Tensor Core kernels take onto
+them; each step is verified against the one before, the first against the masked dense model.
+The report says per layer what was applied or skipped, why, the kept fraction and what was fused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import GraphpruneError
 from .kernels.masks import mask_1xn, mask_24
 from .passes.fuse_epilogue import fuse_epilogue
 from .passes.pool_layout import pool_layout
+from .passes.semi_structured import semi_structured
 from .passes.sparse_ops import LayerSparsity, mask_dense, sparse_ops
 from .trace import trace
 from .verify import verify_against
@@ -158,6 +160,14 @@ def sparsify(
                            verify_against(out, unfused, tr.args, tr.kwargs, rtol32=1e-4,
                                           rtol64=1e-9, what="BN-folded / epilogue-fused model",
                                           build64=build64)))
+    if kind == "2:4" and plan:  # last: a compressed weight takes no BN fold and no cast
+        dense = out
+        out, held = semi_structured(dense, [d.node for d in plan])
+        how.update(held)
+        if verify and any("semi_structured" in h for h in held.values()):
+            checks.append(("2:4 kernels vs masked dense",
+                           verify_against(out, dense, tr.args, tr.kwargs, rtol32=1e-4,
+                                          rtol64=1e-9, what="2:4 (semi-structured) model")))
     for r in report:
         if r["node"] in how:
             r["held_as"] = how[r["node"]]

@@ -3,11 +3,10 @@
 Requires: a GraphModule whose conv/linear layers named in the plan are `call_module` nodes, and
 per layer a pattern ("1xN" with a uniform block mask, or "2:4" with a 2:4 mask). Ensures: a new
 GraphModule (the input is untouched) in which 1xN layers are `Conv2d1xN` / `Linear1xN` modules
-(custom ops `graphprune::conv2d_1xn` / `linear_1xn`) and 2:4 layers either hold
-`to_sparse_semi_structured` weights (CUDA, fp16/bf16, shapes the kernels accept; a 1x1 conv
-becomes `PointwiseLinear`, see graphprune/kernels/semi24.py) or keep the pattern as a masked
-dense weight, the report saying why. `mask_dense` builds the oracle: the same weights with the
-pattern's zeros, all layers dense.
+(custom ops `graphprune::conv2d_1xn` / `linear_1xn`) and 2:4 layers hold the pattern as a masked
+dense weight (`semi_structured`, run after BN folding, moves those the Sparse Tensor Core kernels
+take onto them). `mask_dense` builds the oracle: the same weights with the pattern's zeros, all
+layers dense.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-
-from graphprune.kernels.semi24 import PointwiseLinear, to_semi_structured, why_not_semi_structured
 
 __all__ = ["LayerSparsity", "sparse_ops", "mask_dense"]
 
@@ -80,13 +77,8 @@ def sparse_ops(gm: fx.GraphModule, plan: list[LayerSparsity]) -> tuple[fx.GraphM
             val = nodes[d.node].args[0].meta.get("val") if nodes[d.node].args else None
             if cls is Conv2d1xN and val is not None and new.uses_winograd(val.shape):
                 how[d.node] += ", Winograd F(2x2,3x3) at the example's input shape"
-        elif not (why := why_not_semi_structured(mod)):
-            new = to_semi_structured(mod, d.mask)
-            _set_module(out, tgt, new)
-            how[d.node] = "to_sparse_semi_structured (Sparse Tensor Cores)" + (
-                ", 1x1 conv as a linear over channels" if isinstance(new, PointwiseLinear) else "")
         else:
             _set_module(out, tgt, _masked(mod, d.mask))
-            how[d.node] = f"masked dense weight (2:4 kernels not used: {why})"
+            how[d.node] = "masked dense weight"
     out.recompile()
     return out, how

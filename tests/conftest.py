@@ -54,3 +54,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(no_slow)
+
+
+@pytest.fixture
+def semi24_cpu(monkeypatch):
+    """The 2:4 kernel path on the CPU with torch's compressed tensor (see tests/semi24_cpu.py)."""
+    import warnings
+
+    from semi24_cpu import install
+
+    install(monkeypatch)
+    with warnings.catch_warnings():  # (torch: "prototype stage" on every compressed tensor)
+        warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*")
+        yield

@@ -3,6 +3,8 @@ patterns), lossy on request, parameters snapshotted in rewritten graphs."""
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 
@@ -320,3 +322,39 @@ def test_found_1xn_layers_allow_zero_weights_and_prefer_the_tightest_n():
     (hit,) = rep["sparse"]
     assert (hit["pattern"], hit["n"], hit["kept"]) == ("1xN", 16, 0.25)
     assert "conv2d_1xn" in hit["applied"]
+
+
+def test_lossless_puts_found_24_layers_on_the_kernels_after_folding_bn(semi24_cpu):
+    """A half-precision CNN whose weights hold 2:4 patterns (as after ASP training): the backend
+    folds its BatchNorms into the masked convs, then compresses the 1x1 convs and the linear
+    (torch's compressed tensor, product done densely on the CPU: tests/semi24_cpu.py); the 3x3
+    conv stays dense with its reason; every step verified (the BN fold exactly, on a float64
+    rebuild: folded in half precision it missed the fp64 bound and was dropped), the output
+    equals eager."""
+    from test_sparsify import Bottleneck24
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from graphprune.kernels.masks import mask_24
+    from graphprune.verify import max_rel_error
+
+    torch.manual_seed(0)
+    m = Bottleneck24().half().eval()
+    with torch.no_grad():
+        for mod in (m.c1, m.c2, m.c3, m.fc):
+            mod.weight.mul_(mask_24(mod.weight))
+    x = torch.randn(2, 64, 8, 8, dtype=torch.half)
+    y, rep = compiled(m, x)
+    applied = {e["layer"]: e["applied"] for e in rep["sparse"]}
+    assert set(applied) == {"c1", "c2", "c3", "fc"}, applied
+    for name in ("c1", "c3", "fc"):
+        assert applied[name].startswith("to_sparse_semi_structured"), applied
+    assert "3x3 conv" in applied["c2"]
+    assert rep["verify_semi_structured"].startswith("verified"), rep
+    assert "fp64 check skipped" not in rep["verify_semi_structured"]
+    assert sorted(rep["fused"]) == ["c1", "c3"]  # (the dense 3x3 conv stays functional)
+    assert float(re.search(r"fp64 (\S+)", rep["verify_fused"]).group(1)) < 1e-9  # folded in fp64
+    weights = [p for p in rep["graph"].parameters() if isinstance(p, SparseSemiStructuredTensor)]
+    assert len(weights) == 3
+    with torch.no_grad():
+        ref32 = copy.deepcopy(m).float()(x.float())
+        assert max_rel_error(y, ref32) <= 4 * max_rel_error(m(x), ref32) + 2e-3

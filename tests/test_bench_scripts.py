@@ -19,3 +19,19 @@ def test_semi24_gpu_smoke_runs_and_prints_no_numbers(capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "ms" not in ln]
     assert len(rows) >= 6 and all(ln.rstrip(" |").endswith("–") for ln in rows)
     assert "| ResNet-50 | 1 | 0 / " in out
+
+
+def test_semi24_gpu_end_to_end_table_on_the_kernel_path(semi24_cpu, capsys):
+    """The end-to-end table's own code on the 2:4 kernel path (fp16, torch's compressed tensor
+    with its product done densely on the CPU: tests/semi24_cpu.py): ViT and ResNet-50 (whose
+    BatchNorms used to make this raise) sparsify, put layers on the kernels and run."""
+    import semi24_gpu
+    import torch
+
+    semi24_gpu.e2e_table([1], "cpu", torch.float16, rounds=1, smoke=True)
+    rows = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ViT") or ln.startswith("| ResNet")]
+    assert len(rows) == 2
+    for row in rows:
+        on_kernels, masked = (int(v) for v in row[2].split(" / "))
+        assert on_kernels > 0, row

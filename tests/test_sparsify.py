@@ -100,19 +100,18 @@ class Net24(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_24_semi_structured_on_cuda(dtype):
-    """On CUDA in fp16 / bf16: the linear and the 1x1 conv hold semi-structured weights, the 3x3
-    conv a masked dense one (the report says why); sparsify's own check against the masked dense
-    oracle passes, and so does one by hand."""
+def _check_24_kernel_path(device: str, dtype: torch.dtype):
+    """Net24 in `dtype` on `device`: the linear and the 1x1 conv hold semi-structured weights,
+    the 3x3 conv a masked dense one (the report says why); sparsify's own checks pass (fp64
+    included: the compressed weights are decompressed for it), and so does one by hand."""
     from torch.sparse import SparseSemiStructuredTensor
 
     from graphprune.kernels.semi24 import PointwiseLinear
     from graphprune.verify import max_rel_error
 
-    m = Net24().cuda().to(dtype).eval()
-    x = torch.randn(8, 64, 16, 16, device="cuda", dtype=dtype)
+    torch.manual_seed(0)
+    m = Net24().to(device, dtype).eval()
+    x = torch.randn(8, 64, 16, 16, device=device, dtype=dtype)
     s = gp.sparsify(m, (x,), pattern="2:4", permute=False)
     rep = {r["layer"]: r for r in s.graphprune_report["layers"]}
     assert "semi_structured" in rep["fc"]["held_as"] and "semi_structured" in rep["pw"]["held_as"]
@@ -120,16 +119,95 @@ def test_24_semi_structured_on_cuda(dtype):
     assert isinstance(s.pw, PointwiseLinear)
     assert isinstance(s.pw.weight, SparseSemiStructuredTensor)
     assert isinstance(s.fc.weight, SparseSemiStructuredTensor)
-    assert "verified" in s.graphprune_report["verify"]
-    oracle = Net24().cuda().to(dtype).eval()
+    v = s.graphprune_report["verify"]
+    assert "2:4 kernels vs masked dense: verified" in v and "fp64 check skipped" not in v, v
+    oracle = Net24().to(device, dtype).eval()
     oracle.load_state_dict(m.state_dict())
     with torch.no_grad():
         for name in ("conv3", "pw", "fc"):
             w = getattr(oracle, name).weight
             w.mul_(mask_24(w))
+        assert torch.equal(s.fc.weight.to_dense(), oracle.fc.weight)  # compression is lossless
         ref32 = copy.deepcopy(oracle).float()(x.float())
         err, err_dense = max_rel_error(s(x), ref32), max_rel_error(oracle(x), ref32)
     assert err <= 4 * err_dense + 2 * torch.finfo(dtype).eps
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_24_semi_structured_on_cuda(dtype):
+    """On CUDA in fp16 / bf16, on torch's Sparse Tensor Core kernels."""
+    _check_24_kernel_path("cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_24_kernel_path_on_cpu(semi24_cpu, dtype):
+    """The same on the CPU with torch's own compressed tensor, its product done densely
+    (tests/semi24_cpu.py): everything around the CUDA kernel."""
+    _check_24_kernel_path("cpu", dtype)
+
+
+class Bottleneck24(nn.Module):
+    """A ResNet bottleneck with BatchNorms and a linear head, every channel count a multiple of
+    64 (what the 2:4 kernels take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(64, 128, 1, bias=False), nn.BatchNorm2d(128)
+        self.c2, self.b2 = nn.Conv2d(128, 128, 3, padding=1, bias=False), nn.BatchNorm2d(128)
+        self.c3, self.b3 = nn.Conv2d(128, 64, 1, bias=False), nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, 64)
+        for bn in (self.b1, self.b2, self.b3):  # eval statistics that are not the identity
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.5, 0.5)
+            nn.init.uniform_(bn.running_mean, -0.5, 0.5)
+            nn.init.uniform_(bn.running_var, 0.5, 1.5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(y)))
+        y = torch.relu(self.b3(self.c3(y)) + x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_24_folds_batchnorm_before_compressing(semi24_cpu):
+    """A CNN with BatchNorm, in fp16 on the 2:4 path: BN folds into the masked convs first, then
+    the 1x1 convs are compressed (a compressed weight takes neither a fold nor the cast the
+    verification makes: this raised before); every step verifies, fp64 included."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from graphprune.kernels.semi24 import PointwiseLinear
+
+    torch.manual_seed(0)
+    m = Bottleneck24().half().eval()
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(2, 64, 8, 8, dtype=torch.half)
+    s = gp.sparsify(m, (x,), pattern="2:4")
+    rep = s.graphprune_report
+    assert rep["fused"] == 3 and not any(isinstance(t, nn.BatchNorm2d) for t in s.modules())
+    for name in ("c1", "c3"):
+        mod = s.get_submodule(name)
+        assert isinstance(mod, PointwiseLinear) and isinstance(mod.weight, SparseSemiStructuredTensor)
+        assert mod.bias is not None  # the folded BN's shift
+    assert isinstance(s.fc.weight, SparseSemiStructuredTensor)
+    assert type(s.c2) is nn.Conv2d and is_24(s.c2.weight != 0)
+    v = rep["verify"]
+    for step in ("sparse vs masked dense oracle", "fused vs unfused", "2:4 kernels vs masked dense"):
+        assert f"{step}: verified" in v, v
+    assert "fp64 check skipped" not in v, v
+    assert all(torch.equal(before[k], t) for k, t in m.state_dict().items())  # user's model kept
+
+
+def test_24_compression_must_be_lossless(semi24_cpu):
+    """A weight that is not 2:4 along its input channels would lose weights when compressed:
+    `to_semi_structured` refuses it instead."""
+    from graphprune.kernels.semi24 import to_semi_structured
+
+    lin = nn.Linear(64, 64).half()
+    with pytest.raises(ValueError, match="not lossless"):
+        to_semi_structured(lin, torch.ones_like(lin.weight, dtype=torch.bool))
+    ok = to_semi_structured(lin, mask_24(lin.weight.detach()))
+    assert torch.equal(ok.weight.to_dense(), lin.weight.detach() * mask_24(lin.weight.detach()))
 
 
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2), (2, 1)])

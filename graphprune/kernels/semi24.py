@@ -17,16 +17,44 @@ report says what to change (device, dtype, shape, kind of layer).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PointwiseLinear", "semi_structured_weight_ok", "to_semi_structured",
-           "weight_why_not", "why_not_semi_structured"]
+__all__ = ["PointwiseLinear", "dense_copy", "is_semi_structured", "semi_structured_weight_ok",
+           "to_semi_structured", "weight_why_not", "why_not_semi_structured"]
 
 _DIM = 64  # both dims of a compressed weight: multiples of this (CUTLASS fp16: 32 x 64)
+_DEVICE_TYPES = ("cuda",)  # where the kernels run (tests add "cpu" with an emulated tensor)
+
+
+def _default_convert(w: torch.Tensor) -> torch.Tensor:
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(w)
+
+
+def is_semi_structured(t) -> bool:
+    """`t` is a compressed 2:4 tensor (``torch.sparse.SparseSemiStructuredTensor``)."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    return isinstance(t, SparseSemiStructuredTensor)
+
+
+def dense_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose compressed 2:4 weights are plain dense tensors (their exact
+    decompression), so it can be cast (``.float()``, ``.double()``: semi-structured tensors take
+    neither) or run where the kernels do not."""
+    out = copy.deepcopy(module)
+    for name, p in list(out.named_parameters()):
+        if is_semi_structured(p):
+            prefix, _, attr = name.rpartition(".")
+            owner = out.get_submodule(prefix) if prefix else out
+            setattr(owner, attr, nn.Parameter(p.to_dense(), requires_grad=False))
+    return out
 
 
 def weight_why_not(w: torch.Tensor) -> str:
@@ -41,7 +69,7 @@ def weight_why_not(w: torch.Tensor) -> str:
                    "not shown to pay)")
     elif w.ndim not in (2, 4):
         why.append(f"a {w.ndim}-D weight (the kernels take linear / 1x1 conv)")
-    if not w.is_cuda:
+    if w.device.type not in _DEVICE_TYPES:
         why.append(f"needs CUDA (weight on {w.device.type})")
     if w.dtype not in (torch.float16, torch.bfloat16):
         why.append(f"needs fp16/bf16 (weight is {str(w.dtype).removeprefix('torch.')})")
@@ -104,15 +132,17 @@ def to_semi_structured(mod: nn.Module, mask: torch.Tensor,
     with its weight times `mask`, the weight held by `convert` (default
     ``torch.sparse.to_sparse_semi_structured``; tests pass another to check the rewrite where no
     GPU is available)."""
-    if convert is None:
-        from torch.sparse import to_sparse_semi_structured as convert
     w = (mod.weight.detach() * mask.to(mod.weight.dtype)).flatten(1).contiguous()
+    sw = (convert or _default_convert)(w)
+    if is_semi_structured(sw) and not torch.equal(sw.to_dense(), w):
+        raise ValueError(f"2:4 compression of a {tuple(w.shape)} weight is not lossless "
+                         "(the mask is not 2:4 along the input channels?)")
     bias = None if mod.bias is None else mod.bias.detach().clone()
     if isinstance(mod, nn.Conv2d):
-        return PointwiseLinear(convert(w), bias, mod.stride)
+        return PointwiseLinear(sw, bias, mod.stride)
     new = nn.Linear(mod.in_features, mod.out_features, bias=bias is not None,
                     device=w.device, dtype=w.dtype)
-    new.weight = nn.Parameter(convert(w), requires_grad=False)
+    new.weight = nn.Parameter(sw, requires_grad=False)
     if bias is not None:
         new.bias = nn.Parameter(bias, requires_grad=False)
     return new.train(mod.training)
