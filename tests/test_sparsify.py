@@ -378,6 +378,24 @@ def test_hugging_face_models_sparsify_through_export(name):
         assert rep["fused"] > 0 and "fused vs unfused: verified" in rep["verify"]
 
 
+def test_hugging_face_bert_on_the_24_kernel_path(semi24_cpu):
+    """An fp16 Hugging Face BERT (traced with torch.export, aten linears made modules) puts every
+    linear on the 2:4 kernel path (tests/semi24_cpu.py) and verifies, fp64 included."""
+    pytest.importorskip("transformers")
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from graphprune.hf_zoo import hf_bert_model
+
+    model, inputs = hf_bert_model()
+    s = gp.sparsify(model.half().eval(), inputs, pattern="2:4")
+    rep = s.graphprune_report
+    held = [r["held_as"] for r in rep["layers"]]
+    assert len(held) == 7 and all(h.startswith("to_sparse_semi_structured") for h in held), held
+    assert sum(isinstance(p, SparseSemiStructuredTensor) for p in s.parameters()) == 7
+    assert "2:4 kernels vs masked dense: verified" in rep["verify"]
+    assert "fp64 check skipped" not in rep["verify"]
+
+
 def test_same_padding_that_needs_asymmetric_pads_stays_dense_with_a_reason():
     """padding='same' with an even kernel pads asymmetrically, which the 1xN kernel does not take:
     the layer stays dense and the report says why; an odd kernel's 'same' is sparsified."""
