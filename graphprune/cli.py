@@ -173,6 +173,37 @@ def _load(spec: str, input_specs):
     return model, inputs
 
 
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _place(model, inputs: tuple, device: str | None, dtype: str | None):
+    """The model and its inputs on `device` / in `dtype` (floating inputs only), checked to run
+    there (2:4 runs on the Sparse Tensor Cores only on CUDA in fp16 / bf16)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    if not device and not dtype:
+        return model, inputs
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device here (torch.cuda.is_available() "
+                         "is False)")
+    dt = getattr(torch, _DTYPES[dtype]) if dtype else None
+    try:
+        dev = torch.device(device) if device else None
+    except RuntimeError as e:
+        raise InputError(f"--device {device}: {e}") from e
+
+    def move(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(dev, dt if dt is not None and torch.is_floating_point(x) else None)
+
+    model = model.to(device=dev, dtype=dt)
+    inputs = tree_map(move, inputs)
+    _run_once(model, inputs)
+    return model, inputs
+
+
 def _set_threads(n) -> None:
     if n:
         import torch
@@ -427,6 +458,7 @@ def _cmd_sparsify(args) -> int:
         from .backend import modulize
 
         model = modulize(model)
+    model, x = _place(model, x, args.device, args.dtype)
     fast = gp.sparsify(model, x, pattern=args.pattern, sparsity=args.sparsity,
                        check_speed=args.check_speed, threads=args.threads,
                        skip=tuple(args.skip), verify=args.verify, fuse=args.fuse,
@@ -586,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep BatchNorm / add / ReLU as separate ops (no folding, no epilogues)")
     s.add_argument("--no-verify", dest="verify", action="store_false")
     s.add_argument("--threads", type=int)
+    s.add_argument("--device", help="run there, e.g. cuda (2:4 kernels: CUDA with fp16/bf16)")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the model and its float inputs")
     s.add_argument("--out", help="write the result (torch.export .pt2)")
 
     s = sub.add_parser("bench", help="time models side by side (the first is the baseline)")

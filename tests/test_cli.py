@@ -31,6 +31,11 @@ TINY = textwrap.dedent("""
                              nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
                              nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 16))
+
+    def pointwise():  # 1x1 convs and a linear, dims multiples of 64 (what the 2:4 kernels take)
+        return nn.Sequential(nn.Conv2d(64, 128, 1), nn.BatchNorm2d(128), nn.ReLU(),
+                             nn.Conv2d(128, 64, 1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64))
 """)
 SHAPE = "2,3,16,16"
 WIDE = "2,3,32,32"
@@ -161,3 +166,23 @@ def test_sparsify_fusion_flags(work, capsys):
     layers = {r["layer"]: r for r in json.loads(out)["layers"]}
     assert layers["0"]["pattern"] == layers["7"]["pattern"] == "dense"
     assert layers["3"]["pattern"] == "1x8"
+
+
+def test_sparsify_24_in_half_precision_on_a_device(work, capsys, semi24_cpu):
+    """`--dtype fp16` (and `--device`) put the model where the 2:4 kernels run: here the CPU
+    stand-in of tests/semi24_cpu.py; both 1x1 convs and the linear go onto the kernel path, the
+    first after its BatchNorm folds in; a device that is not there is bad input (exit 3)."""
+    args = ["sparsify", "tiny.py:pointwise", "--input", "2,64,8,8", "--pattern", "2:4", "--json"]
+    code, out, err = run(capsys, *args, "--dtype", "fp16", "--device", "cpu")
+    assert code == 0, err
+    rep = json.loads(out)
+    held = {r["layer"]: r["held_as"] for r in rep["layers"]}
+    assert set(held) == {"0", "3", "7"} and all(
+        h.startswith("to_sparse_semi_structured") for h in held.values()), held
+    assert rep["fused"] == 1 and "max rel err fp16" in rep["verify"]
+    code, out, err = run(capsys, *args)  # fp32: masked dense, the report says why
+    assert code == 0, err
+    assert all("needs fp16/bf16" in r["held_as"] for r in json.loads(out)["layers"])
+    if not torch.cuda.is_available():
+        code, out, err = run(capsys, *args, "--device", "cuda")
+        assert code == 3 and "no CUDA device" in err and len(err.strip().splitlines()) == 1, err
