@@ -109,10 +109,11 @@ def sparsify(
         raise GraphpruneError(f"sparsity must be in (0, 1), got {sparsity}")
     t0 = time.perf_counter()
     perm_note = ""
-    held = _held_patterns(model, n) if permute and kind == "1xN" else []
+    held = _held_patterns(model, kind, n) if permute else []
     if held:
-        perm_note = (f"skipped: {len(held)} layer(s) already hold 1x{n} patterns (first: "
-                     f"{held[0]}); reordering filters would regroup their blocks")
+        perm_note = (f"skipped: {len(held)} layer(s) already hold {pattern} patterns (first: "
+                     f"{held[0]}); reordering channels would regroup their "
+                     f"{'blocks' if kind == '1xN' else 'groups of 4'}")
     elif permute:
         model, perm_note = _permuted(model, example_inputs, kind, leaf_modules)
     tr = trace(model, example_inputs, leaf_modules=leaf_modules, method="auto")
@@ -193,11 +194,13 @@ def _tgt(gm: fx.GraphModule, name: str) -> str:
     return next(n.target for n in gm.graph.nodes if n.name == name)
 
 
-def _held_patterns(model: nn.Module, n: int) -> list[str]:
-    """Conv/linear layers whose weights already hold a non-trivial uniform 1xN pattern (as after
-    `BlockPruner` training, or a model that was sparsified and baked back to dense): the filter
-    reordering would mix their groups, and the mask drawn afterwards would drop kept weights."""
-    from .kernels.masks import groups_differ_1xn
+def _held_patterns(model: nn.Module, kind: str, n: int) -> list[str]:
+    """Conv/linear layers whose weights already hold a non-trivial uniform 1xN pattern, or a 2:4
+    one (as after `BlockPruner` / `Sparse24Trainer` training, or a model that was sparsified and
+    baked back to dense): a 1xN filter reordering would mix their groups, and the mask drawn
+    afterwards would drop kept weights; a 2:4 channel reordering cannot keep more than all of
+    them (it only costs time and reports permutations that change nothing)."""
+    from .kernels.masks import groups_differ_1xn, is_24
 
     out = []
     for name, mod in model.named_modules():
@@ -205,7 +208,8 @@ def _held_patterns(model: nn.Module, n: int) -> list[str]:
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or getattr(mod, "groups", 1) != 1 \
                 or not isinstance(w, torch.Tensor):  # fmt: skip
             continue
-        if groups_differ_1xn(w.detach() != 0, n):
+        nz = w.detach() != 0
+        if groups_differ_1xn(nz, n) if kind == "1xN" else bool(nz.any()) and is_24(nz):
             out.append(name)
     return out
 

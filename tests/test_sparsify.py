@@ -432,6 +432,26 @@ def test_weights_that_already_hold_1xn_patterns_are_not_permuted():
     assert not rep2["permutation"].startswith("skipped")
 
 
+def test_weights_that_already_hold_24_patterns_are_not_permuted():
+    """After 2:4 training the weights hold the pattern already: the channel search is skipped
+    (nothing can keep more than all of them), the mask keeps every weight, and the sparsified
+    model computes the model's own function."""
+    torch.manual_seed(0)
+    model = Net24().eval()
+    with torch.no_grad():
+        for mod in (model.conv3, model.pw, model.fc):
+            mod.weight.mul_(mask_24(mod.weight))
+    x = torch.randn(2, 64, 8, 8)
+    s = gp.sparsify(model, x, pattern="2:4")
+    rep = s.graphprune_report
+    assert rep["permutation"].startswith("skipped: 3 layer(s) already hold 2:4 patterns"), rep
+    assert rep["kept_magnitude"] == 1.0
+    with torch.no_grad():
+        assert float((s(x) - model(x)).abs().max() / model(x).abs().max()) < 1e-5
+    plain = gp.sparsify(Net24().eval(), x, pattern="2:4").graphprune_report
+    assert not plain["permutation"].startswith("skipped")
+
+
 def test_report_says_which_layers_run_winograd(monkeypatch):
     """A 3x3 stride-1 conv on a small image with enough kept channels is reported as running
     Winograd at the example's shape (with the C++ kernel); the strided one and, with
